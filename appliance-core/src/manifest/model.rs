@@ -1,0 +1,216 @@
+//! The typed manifest: what an appliance asks for, with the source span of every node so that
+//! later stages (workspace resolution, builds, suggestions) can point back into the manifest.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::version::VersionReq;
+use crate::diagnostics::{SourceFile, Span};
+
+/// A value together with where it was written.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Spanned<T> {
+    pub value: T,
+    pub span: Span,
+}
+
+impl<T> Spanned<T> {
+    pub fn new(value: T, span: Span) -> Self {
+        Self { value, span }
+    }
+}
+
+/// One manifest file and the appliances it declares.
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub path: PathBuf,
+    #[serde(skip)]
+    pub source: Arc<SourceFile>,
+    pub appliances: Vec<Appliance>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Appliance {
+    pub name: Spanned<String>,
+    /// The whole `appliance` node.
+    pub span: Span,
+    pub description: Option<Spanned<String>>,
+    pub base: Option<Spanned<BaseRef>>,
+    pub packages: Vec<PackageRequest>,
+    pub remove: Vec<Spanned<String>>,
+    pub kernel: Option<Spanned<String>>,
+    pub binaries: Vec<Binary>,
+    pub copies: Vec<Copy>,
+    pub users: Vec<User>,
+    pub groups: Vec<Group>,
+    pub services: Vec<Service>,
+    pub hostname: Option<Spanned<String>>,
+    pub timezone: Option<Spanned<String>>,
+    pub locale: Option<Spanned<String>>,
+    pub kernel_cmdline: Vec<Spanned<String>>,
+    pub runs: Vec<RunScript>,
+    pub forwards: Vec<Forward>,
+    pub outputs: Vec<Output>,
+    pub suggest: SuggestSettings,
+    pub env: Vec<EnvVar>,
+    pub mkdirs: Vec<MakeDir>,
+    pub symlinks: Vec<Symlink>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BaseRef {
+    /// A stored image by name, newest version matching `version`.
+    Image {
+        name: String,
+        version: Option<VersionReq>,
+    },
+    /// Another appliance of the workspace, built first.
+    Appliance { name: Spanned<String> },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PackageRequest {
+    pub name: Spanned<String>,
+    pub recommends: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Binary {
+    pub span: Span,
+    pub name: Spanned<String>,
+    pub package: Option<Spanned<String>>,
+    pub to: String,
+    pub target: Option<String>,
+    pub profile: String,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Copy {
+    pub span: Span,
+    /// Relative to the manifest's directory; may be a glob.
+    pub source: Spanned<String>,
+    pub to: Spanned<String>,
+    pub mode: Option<u32>,
+    pub owner: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
+    pub allow_outside_workspace: bool,
+}
+
+impl Copy {
+    /// Whether the source is a glob pattern rather than a path.
+    pub fn is_glob(&self) -> bool {
+        is_glob(&self.source.value)
+    }
+}
+
+/// Glob metacharacters as globset reads them.
+pub fn is_glob(source: &str) -> bool {
+    source.contains(['*', '?', '[', '{'])
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    pub span: Span,
+    pub name: Spanned<String>,
+    pub system: bool,
+    pub uid: Option<u32>,
+    pub group: Option<String>,
+    pub groups: Vec<String>,
+    pub home: Option<String>,
+    pub shell: Option<String>,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Group {
+    pub span: Span,
+    pub name: Spanned<String>,
+    pub system: bool,
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    pub span: Span,
+    pub unit: Spanned<String>,
+    pub enable: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum RunSource {
+    Inline { script: String },
+    File { path: Spanned<String> },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunScript {
+    pub span: Span,
+    pub source: RunSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Forward {
+    pub span: Span,
+    pub host: u16,
+    pub guest: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Output {
+    pub span: Span,
+    pub format: Spanned<String>,
+    pub name: Option<String>,
+    pub size: Option<u64>,
+    pub tag: Option<String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub expose: Vec<(u16, Protocol)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SuggestSettings {
+    pub span: Option<Span>,
+    pub limit: Option<u32>,
+    pub min_support: Option<f64>,
+    pub min_confidence: Option<f64>,
+    pub ignore: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvVar {
+    pub span: Span,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MakeDir {
+    pub span: Span,
+    pub path: String,
+    pub mode: u32,
+    pub owner: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Symlink {
+    pub span: Span,
+    pub path: String,
+    pub target: String,
+}
