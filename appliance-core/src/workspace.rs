@@ -596,10 +596,12 @@ impl Resolver<'_> {
                 match owners.as_slice() {
                     [_] => {}
                     [] => {
-                        let all_bins: Vec<&str> = packages
+                        let mut all_bins: Vec<&str> = packages
                             .iter()
                             .flat_map(|p| p.bins.iter().map(String::as_str))
                             .collect();
+                        all_bins.sort_unstable();
+                        all_bins.dedup();
                         let help = did_you_mean(bin, all_bins.iter().copied())
                             .map(|close| format!("did you mean `{close}`?"))
                             .unwrap_or_else(|| {

@@ -659,7 +659,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+    let unit = unit.trim();
+    let shift = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
@@ -667,11 +668,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
         "E" | "EB" | "EIB" => 60,
-        other => {
+        _ => {
             return Err(format!(
                 "{} has an unknown unit {}",
                 quote(text),
-                quote(other)
+                quote(unit)
             ));
         }
     };

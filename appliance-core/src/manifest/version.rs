@@ -16,16 +16,15 @@ pub struct Version(pub Vec<u64>);
 impl Version {
     pub fn parse(text: &str) -> Result<Self, String> {
         if text.is_empty() {
-            return Err("a version is empty".into());
+            return Err("is empty".into());
         }
         text.split('.')
             .map(|part| {
                 if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    Err(format!(
-                        "`{text}` is not a dotted numeric version such as `2` or `1.4`"
-                    ))
+                    Err("is not a dotted numeric version such as `2` or `1.4`".to_owned())
                 } else {
-                    part.parse::<u64>().map_err(|e| format!("`{part}`: {e}"))
+                    part.parse::<u64>()
+                        .map_err(|e| format!("has `{part}`: {e}"))
                 }
             })
             .collect::<Result<Vec<_>, _>>()
@@ -92,7 +91,13 @@ impl VersionReq {
                 .iter()
                 .find_map(|(prefix, op)| clause.strip_prefix(prefix).map(|rest| (*op, rest)))
                 .unwrap_or((Op::Eq, clause));
-                Version::parse(rest.trim()).map(|version| (op, version))
+                Version::parse(rest.trim())
+                    .map(|version| (op, version))
+                    .map_err(|e| match clause {
+                        "" => "has an empty comparison".to_owned(),
+                        _ if clause == text => e,
+                        _ => format!("has `{clause}`, which {e}"),
+                    })
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Self)
