@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::check::{CheckOptions, CheckSummary, check};
 use crate::diagnostics::{Diagnostic, Summary};
+use crate::history::suggest::SuggestOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +54,10 @@ pub struct GlobalArgs {
     /// Print more (repeat for even more)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// The image store to use [default: $XDG_DATA_HOME/cargo-appliance/store]
+    #[arg(long, global = true, value_name = "DIR", env = "APPLIANCE_STORE")]
+    pub store: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,6 +79,126 @@ pub enum ColorChoice {
 pub enum Command {
     /// Validate manifests and what they name in the workspace, without building
     Check(CheckArgs),
+    /// List the images in the store
+    Images(ImagesArgs),
+    /// Import, export, show or remove one stored image
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Create a base image from a Debian suite with mmdebstrap
+    #[command(subcommand)]
+    Base(BaseCommand),
+    /// Remove objects no image references, and leftovers of interrupted imports
+    Gc,
+    /// Verify every object against its digest and every catalog reference
+    Fsck(FsckArgs),
+    /// Suggest what the appliances probably miss, learnt from the derivation history
+    Suggest(SuggestArgs),
+    /// Import, export or evaluate the derivation history
+    #[command(subcommand)]
+    History(HistoryCommand),
+    /// Typed changes from one stored image to another
+    Diff {
+        /// The parent (or older) image
+        from: String,
+        /// The child (or newer) image
+        to: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SuggestArgs {
+    /// Suggest for this appliance only; repeatable
+    #[arg(short = 'a', long = "appliance", value_name = "NAME")]
+    pub appliances: Vec<String>,
+    /// Suggestions per appliance (a manifest's `suggest limit=` wins)
+    #[arg(long, default_value_t = 5)]
+    pub limit: usize,
+    /// Hide suggestions seen in a smaller share of derived images (0–1)
+    #[arg(long, default_value_t = 0.0)]
+    pub min_support: f64,
+    /// Hide suggestions with a lower confidence (0–1)
+    #[arg(long, default_value_t = 0.0)]
+    pub min_confidence: f64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HistoryCommand {
+    /// Add derivations from JSON Lines (optionally .zst; corpus records are converted) or Parquet
+    Import { file: PathBuf },
+    /// Write the history as JSON Lines, or Parquet when FILE ends in .parquet
+    Export { file: PathBuf },
+    /// Re-derive the history of the stored images from the catalog
+    Rebuild,
+    /// Leave-one-out recall@5/@10 of the suggestions and of a popularity baseline
+    Evaluate {
+        /// Evaluate on this file's derivations instead of the store's history
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Show images as a tree of derivations
+    #[arg(long)]
+    pub tree: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a directory, .tar, .tar.gz, .tar.zst or OCI image layout as NAME[@VERSION]
+    Import {
+        /// Image name, optionally with a version (default: the next version of NAME)
+        reference: String,
+        /// What to import
+        path: PathBuf,
+        /// The image this one derives from
+        #[arg(long, value_name = "IMAGE")]
+        parent: Option<String>,
+    },
+    /// Export an image to a directory, .tar or .tar.zst (chosen by the name)
+    Export {
+        /// NAME, NAME@VERSION or a digest prefix
+        image: String,
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+    },
+    /// Show an image: lineage, provenance, packages
+    Show { image: String },
+    /// Remove an image (objects are freed by `gc`)
+    Rm {
+        image: String,
+        /// Also remove the images derived from it
+        #[arg(long)]
+        recursive: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BaseCommand {
+    /// Run mmdebstrap and store the result as NAME
+    Create {
+        /// Image name, e.g. debian/bookworm
+        name: String,
+        /// Debian suite, e.g. bookworm
+        #[arg(long)]
+        suite: String,
+        /// mmdebstrap variant
+        #[arg(long, default_value = "minbase")]
+        variant: String,
+        /// Extra packages, comma-separated
+        #[arg(long, value_delimiter = ',', value_name = "PKG,…")]
+        include: Vec<String>,
+        /// Debian mirror URL [default: the host's apt sources]
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct FsckArgs {
+    /// Quarantine corrupt objects and mark the images that need them
+    #[arg(long)]
+    pub repair: bool,
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +222,36 @@ pub fn main() -> ExitCode {
 pub fn run(cli: &Cli) -> ExitCode {
     match &cli.command {
         Command::Check(args) => run_check(&cli.global, args),
+        Command::Suggest(args) => run_suggest(&cli.global, args),
+        command => match crate::commands::run_store_command(&cli.global, command) {
+            Ok(code) => code,
+            Err(error) => {
+                report_error(&cli.global, &error);
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Print an error with its chain of causes, cargo-style ("error: …", "caused by: …").
+pub fn report_error(global: &GlobalArgs, error: &anyhow::Error) {
+    match global.message_format {
+        MessageFormat::Json => {
+            let causes: Vec<String> = error.chain().skip(1).map(ToString::to_string).collect();
+            let message = serde_json::json!({
+                "reason": "error",
+                "message": error.to_string(),
+                "causes": causes,
+            });
+            let _ = writeln!(std::io::stdout().lock(), "{message}");
+        }
+        MessageFormat::Human => {
+            let mut stderr = std::io::stderr().lock();
+            let _ = writeln!(stderr, "error: {error}");
+            for cause in error.chain().skip(1) {
+                let _ = writeln!(stderr, "  caused by: {cause}");
+            }
+        }
     }
 }
 
@@ -131,6 +286,91 @@ fn emit(global: &GlobalArgs, diagnostics: &[Diagnostic]) {
     }
 }
 
+/// Suggestions for the checked appliances, when a store with history exists. Never an
+/// error: a suggestion that cannot be computed is logged and skipped.
+fn suggestions_for(
+    global: &GlobalArgs,
+    report: &crate::check::CheckReport,
+    options: &SuggestOptions,
+) -> Vec<Diagnostic> {
+    let dir = match &global.store {
+        Some(dir) => dir.clone(),
+        None => match crate::store::default_store_dir() {
+            Ok(dir) => dir,
+            Err(_) => return Vec::new(),
+        },
+    };
+    if !dir.join("catalog.duckdb").exists() {
+        return Vec::new();
+    }
+    match crate::store::Store::open(&dir)
+        .and_then(|store| crate::history::suggest::suggest(&store, report, options))
+    {
+        Ok(diagnostics) => diagnostics,
+        Err(error) => {
+            if global.verbose > 0 {
+                let _ = writeln!(std::io::stderr().lock(), "note: no suggestions: {error:#}");
+            }
+            Vec::new()
+        }
+    }
+}
+
+fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
+    let options = CheckOptions {
+        manifest_path: global.manifest_path.clone(),
+        appliances: args.appliances.clone(),
+    };
+    let report = match check(&options) {
+        Ok(report) => report,
+        Err(error) => {
+            report_error(global, &anyhow::Error::new(error));
+            return ExitCode::FAILURE;
+        }
+    };
+    let errors: Vec<Diagnostic> = report
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .cloned()
+        .collect();
+    if !errors.is_empty() {
+        emit(global, &errors);
+        return ExitCode::FAILURE;
+    }
+    let suggest_options = SuggestOptions {
+        limit: args.limit,
+        min_support: args.min_support,
+        min_confidence: args.min_confidence,
+    };
+    let store = match crate::commands::open_store(global) {
+        Ok(store) => store,
+        Err(error) => {
+            report_error(global, &error);
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::history::suggest::suggest(&store, &report, &suggest_options) {
+        Ok(diagnostics) => {
+            if diagnostics.is_empty()
+                && global.message_format == MessageFormat::Human
+                && !global.quiet
+            {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "no suggestions (the history has nothing to go on; `cargo appliance history import FILE` adds some)"
+                );
+            }
+            emit(global, &diagnostics);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            report_error(global, &error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run_check(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {
     let options = CheckOptions {
         manifest_path: global.manifest_path.clone(),
@@ -147,7 +387,15 @@ fn run_check(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    emit(global, &report.diagnostics);
+    let mut diagnostics = report.diagnostics.clone();
+    if !report.has_errors() {
+        let options = SuggestOptions {
+            limit: 3,
+            ..SuggestOptions::default()
+        };
+        diagnostics.extend(suggestions_for(global, &report, &options));
+    }
+    emit(global, &diagnostics);
     let summary = Summary::of(&report.diagnostics);
     match global.message_format {
         MessageFormat::Json => {
@@ -178,7 +426,7 @@ fn run_check(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {
     }
 }
 
-fn plural(count: usize, word: &str) -> String {
+pub(crate) fn plural(count: usize, word: &str) -> String {
     if count == 1 {
         format!("1 {word}")
     } else {

@@ -115,6 +115,8 @@ pub struct Diagnostic {
     pub related: Vec<Related>,
     /// The appliance the diagnostic concerns, when there is one.
     pub appliance: Option<String>,
+    /// For suggestions: kind, subject, score, rank and evidence.
+    pub suggestion: Option<crate::history::suggest::SuggestionInfo>,
 }
 
 impl Diagnostic {
@@ -129,6 +131,7 @@ impl Diagnostic {
             help: None,
             related: Vec::new(),
             appliance: None,
+            suggestion: None,
         }
     }
 
@@ -204,6 +207,7 @@ impl Diagnostic {
             label: self.label.as_deref(),
             help: self.help.as_deref(),
             appliance: self.appliance.as_deref(),
+            suggestion: self.suggestion.as_ref(),
         }
     }
 
@@ -251,6 +255,8 @@ pub struct Message<'a> {
     pub label: Option<&'a str>,
     pub help: Option<&'a str>,
     pub appliance: Option<&'a str>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub suggestion: Option<&'a crate::history::suggest::SuggestionInfo>,
 }
 
 /// Adapter from our diagnostic to miette's rendering traits.

@@ -2,10 +2,18 @@
 //!
 //! One module per part of the design (see ARCHITECTURE.md): [`manifest`] reads and
 //! validates manifests, [`workspace`] connects them to the Cargo workspace, [`check`] runs
-//! both over a workspace, [`diagnostics`] renders problems, [`cli`] is the command line.
+//! both over a workspace, [`store`] holds images, [`packages`] knows Debian, [`process`]
+//! runs external programs, [`diagnostics`] renders problems, [`cli`] and [`commands`] are
+//! the command line.
 
 pub mod check;
 pub mod cli;
+pub mod commands;
 pub mod diagnostics;
+pub mod diff;
+pub mod history;
 pub mod manifest;
+pub mod packages;
+pub mod process;
+pub mod store;
 pub mod workspace;

@@ -28,6 +28,8 @@ fn check(manifest: &str, format: &str) -> Run {
         ])
         .current_dir(fixtures())
         .env_remove("CARGO_TARGET_DIR")
+        // No store: suggestions would depend on whatever history this machine holds.
+        .env("APPLIANCE_STORE", "/nonexistent/appliance-store")
         .output()
         .expect("the binary runs");
     Run {

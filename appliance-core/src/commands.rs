@@ -1,0 +1,381 @@
+//! Store commands: run the library call, print the result for humans or as JSON.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use crate::cli::{
+    BaseCommand, Command, GlobalArgs, HistoryCommand, ImageCommand, MessageFormat, plural,
+};
+use crate::history;
+use crate::packages::debian::{BaseRequest, create_base};
+use crate::store::{ImageRecord, Store, default_store_dir, lineage};
+
+pub(crate) fn open_store(global: &GlobalArgs) -> anyhow::Result<Store> {
+    let dir = match &global.store {
+        Some(dir) => dir.clone(),
+        None => default_store_dir()?,
+    };
+    Store::open(&dir)
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let line = serde_json::to_string(value)?;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+    Ok(())
+}
+
+fn status(global: &GlobalArgs, verb: &str, what: &str) {
+    if !global.quiet && global.message_format == MessageFormat::Human {
+        let _ = writeln!(std::io::stderr().lock(), "{verb:>12} {what}");
+    }
+}
+
+fn human_bytes(bytes: i64) -> String {
+    crate::manifest::validate::human_size(bytes.max(0) as u64)
+}
+
+fn image_line(image: &ImageRecord) -> String {
+    format!(
+        "{:<32} {:<14} {:>8} entries {:>8}{}",
+        image.reference(),
+        &image.tree_digest[..12.min(image.tree_digest.len())],
+        image.entry_count,
+        human_bytes(image.content_bytes),
+        if image.needs_repair {
+            "  NEEDS REPAIR"
+        } else {
+            ""
+        }
+    )
+}
+
+pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Result<ExitCode> {
+    let store = open_store(global)?;
+    let json = global.message_format == MessageFormat::Json;
+    match command {
+        Command::Check(_) => unreachable!("check is dispatched by cli::run"),
+        Command::Images(args) => {
+            let images = store.list()?;
+            if json {
+                for image in &images {
+                    print_json(image)?;
+                }
+            } else if args.tree {
+                let children = lineage(&images);
+                let mut out = String::new();
+                fn walk(
+                    out: &mut String,
+                    children: &std::collections::BTreeMap<Option<i64>, Vec<&ImageRecord>>,
+                    parent: Option<i64>,
+                    prefix: &str,
+                ) {
+                    let Some(list) = children.get(&parent) else {
+                        return;
+                    };
+                    for (i, image) in list.iter().enumerate() {
+                        let last = i + 1 == list.len();
+                        let branch = if parent.is_none() {
+                            ""
+                        } else if last {
+                            "└── "
+                        } else {
+                            "├── "
+                        };
+                        out.push_str(&format!("{prefix}{branch}{}\n", image_line(image)));
+                        let deeper = if parent.is_none() {
+                            String::new()
+                        } else {
+                            format!("{prefix}{}", if last { "    " } else { "│   " })
+                        };
+                        walk(out, children, Some(image.id), &deeper);
+                    }
+                }
+                walk(&mut out, &children, None, "");
+                print!("{out}");
+            } else {
+                for image in &images {
+                    println!("{}", image_line(image));
+                }
+            }
+        }
+        Command::Image(ImageCommand::Import {
+            reference,
+            path,
+            parent,
+        }) => {
+            status(
+                global,
+                "Importing",
+                &format!("{reference} from {}", path.display()),
+            );
+            let provenance =
+                serde_json::json!({"source": "import", "path": path.display().to_string()});
+            let image = store.import(reference, path, parent.as_deref(), provenance)?;
+            if json {
+                print_json(&image)?;
+            } else {
+                status(
+                    global,
+                    "Imported",
+                    &format!(
+                        "{} ({} entries, {})",
+                        image.reference(),
+                        image.entry_count,
+                        human_bytes(image.content_bytes)
+                    ),
+                );
+            }
+        }
+        Command::Image(ImageCommand::Export { image, output }) => {
+            let report = store.export(image, output)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                status(
+                    global,
+                    "Exported",
+                    &format!(
+                        "{image} to {} ({} entries)",
+                        output.display(),
+                        report.entries
+                    ),
+                );
+                if report.skipped_devices > 0 {
+                    status(
+                        global,
+                        "Skipped",
+                        &format!(
+                            "{} (device nodes need root)",
+                            plural(report.skipped_devices, "entry")
+                        ),
+                    );
+                }
+            }
+        }
+        Command::Image(ImageCommand::Show { image }) => {
+            let details = store.show(image)?;
+            if json {
+                print_json(&details)?;
+            } else {
+                let record = &details.record;
+                println!("image:       {}", record.reference());
+                println!("tree digest: {}", record.tree_digest);
+                println!(
+                    "parent:      {}",
+                    details.parent_reference.as_deref().unwrap_or("(none)")
+                );
+                println!(
+                    "children:    {}",
+                    if details.children.is_empty() {
+                        "(none)".into()
+                    } else {
+                        details.children.join(", ")
+                    }
+                );
+                println!(
+                    "entries:     {} ({} of content)",
+                    record.entry_count,
+                    human_bytes(record.content_bytes)
+                );
+                println!("provenance:  {}", record.provenance);
+                println!("packages:    {}", details.packages.len());
+                for package in &details.packages {
+                    println!(
+                        "  {} {} {}",
+                        package.name, package.version, package.architecture
+                    );
+                }
+            }
+        }
+        Command::Image(ImageCommand::Rm { image, recursive }) => {
+            let removed = store.remove(image, *recursive)?;
+            if json {
+                print_json(&serde_json::json!({"removed": removed}))?;
+            } else {
+                for reference in removed {
+                    status(global, "Removed", &reference);
+                }
+            }
+        }
+        Command::Base(BaseCommand::Create {
+            name,
+            suite,
+            variant,
+            include,
+            mirror,
+        }) => {
+            status(
+                global,
+                "Creating",
+                &format!("{name} from Debian {suite} ({variant}) with mmdebstrap"),
+            );
+            let request = BaseRequest {
+                name: name.clone(),
+                suite: suite.clone(),
+                variant: variant.clone(),
+                include: include.clone(),
+                mirror: mirror.clone(),
+            };
+            let image =
+                create_base(&store, &request).with_context(|| format!("creating base {name}"))?;
+            if json {
+                print_json(&image)?;
+            } else {
+                status(
+                    global,
+                    "Created",
+                    &format!("{} ({} entries)", image.reference(), image.entry_count),
+                );
+            }
+        }
+        Command::Gc => {
+            let report = store.gc()?;
+            if json {
+                print_json(&report)?;
+            } else {
+                status(
+                    global,
+                    "Removed",
+                    &format!(
+                        "{} ({}), {}",
+                        plural(report.removed_objects, "object"),
+                        human_bytes(report.removed_bytes as i64),
+                        plural(report.removed_staging, "interrupted import")
+                    ),
+                );
+            }
+        }
+        Command::Suggest(_) => unreachable!("suggest is dispatched by cli::run"),
+        Command::History(HistoryCommand::Import { file }) => {
+            let mut catalog = store.write_catalog()?;
+            let derivations = history::read_file(catalog.connection(), file)?;
+            let origin = format!("import:{}", file.display());
+            let count = history::insert(catalog.connection_mut(), &derivations, &origin)?;
+            if json {
+                print_json(&serde_json::json!({"imported": count}))?;
+            } else {
+                status(
+                    global,
+                    "Imported",
+                    &format!("{} from {}", plural(count, "derivation"), file.display()),
+                );
+            }
+        }
+        Command::History(HistoryCommand::Export { file }) => {
+            let catalog = store.read_catalog()?;
+            let count = history::export(catalog.connection(), file)?;
+            if json {
+                print_json(&serde_json::json!({"exported": count}))?;
+            } else {
+                status(
+                    global,
+                    "Exported",
+                    &format!("{} to {}", plural(count, "derivation"), file.display()),
+                );
+            }
+        }
+        Command::History(HistoryCommand::Rebuild) => {
+            let count = store.rebuild_history()?;
+            if json {
+                print_json(&serde_json::json!({"derivations": count}))?;
+            } else {
+                status(
+                    global,
+                    "Rebuilt",
+                    &format!("{} of stored images", plural(count, "derivation")),
+                );
+            }
+        }
+        Command::Diff { from, to } => {
+            let entries = store.diff(from, to)?;
+            if json {
+                for entry in &entries {
+                    print_json(entry)?;
+                }
+            } else {
+                let mut kind = "";
+                for entry in &entries {
+                    if entry.kind != kind {
+                        kind = &entry.kind;
+                        println!("{kind}:");
+                    }
+                    match &entry.detail {
+                        Some(detail) => println!("  {} ({detail})", entry.subject),
+                        None => println!("  {}", entry.subject),
+                    }
+                }
+                if entries.is_empty() {
+                    println!("no changes");
+                }
+            }
+        }
+        Command::History(HistoryCommand::Evaluate { file }) => {
+            let derivations = match file {
+                Some(file) => {
+                    let conn = duckdb::Connection::open_in_memory()?;
+                    history::read_file(&conn, file)?
+                        .into_iter()
+                        .map(|d| (0, d))
+                        .collect()
+                }
+                None => history::load(store.read_catalog()?.connection())?,
+            };
+            let children: Vec<String> = derivations.iter().map(|(_, d)| d.child.clone()).collect();
+            let index = history::engine::Index::build(&derivations);
+            let evaluation = history::engine::evaluate(&index, &children);
+            if json {
+                print_json(&evaluation)?;
+            } else {
+                println!(
+                    "leave-one-out over {} derivations ({} with at least 3 added packages, one hidden each)",
+                    evaluation.derivations, evaluation.cases
+                );
+                println!("| ranking | recall@5 | recall@10 |");
+                println!("|---|---|---|");
+                println!(
+                    "| suggestions | {:.3} | {:.3} |",
+                    evaluation.recall_at_5, evaluation.recall_at_10
+                );
+                println!(
+                    "| popularity baseline | {:.3} | {:.3} |",
+                    evaluation.baseline_recall_at_5, evaluation.baseline_recall_at_10
+                );
+                if evaluation.baseline_recall_at_5 > 0.0 {
+                    println!(
+                        "recall@5 is {:.2}x the baseline",
+                        evaluation.recall_at_5 / evaluation.baseline_recall_at_5
+                    );
+                }
+            }
+        }
+        Command::Fsck(args) => {
+            let report = store.fsck(args.repair)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                println!("checked {}", plural(report.objects_checked, "object"));
+                for digest in &report.corrupt_objects {
+                    println!("corrupt object {digest}");
+                }
+                for digest in &report.missing_objects {
+                    println!("missing object {digest}");
+                }
+                for image in &report.images_needing_repair {
+                    println!("image {image} needs repair");
+                }
+                if report.unreferenced_objects > 0 {
+                    println!(
+                        "{} unreferenced (run `cargo appliance gc`)",
+                        plural(report.unreferenced_objects, "object")
+                    );
+                }
+            }
+            if !report.is_clean() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,461 @@
+//! The suggestion ranking.
+//!
+//! Scope: the derivations from the appliance's base (exact parent name) when there are at
+//! least [`MIN_SCOPE`] of them, else from its family (`debian/…` for `debian/bookworm`), else
+//! all of them. Within the scope, each derivation `d` is a neighbour weighted by how much it
+//! shares with the appliance's known changes `K`:
+//!
+//! ```text
+//! w(d)     = (|d ∩ K| / sqrt(|d| · |K|)) ^ SHARPNESS        (cosine overlap, sharpened)
+//! score(c) = Σ_d w(d) · [c ∈ d]  +  PRIOR · support(c)        for every c not in K
+//! ```
+//!
+//! Neighbours that share more of what the appliance already has vote more; the small prior
+//! (the share of the scope with `c`) orders changes no neighbour has, and is the whole score
+//! for an appliance with no known changes. The popularity baseline ranks by support alone.
+//! `history evaluate` measures both on the same hidden changes.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use serde::Serialize;
+
+use super::{Change, Derivation};
+
+/// Fewer derivations than this from the exact base: fall back to its family.
+pub const MIN_SCOPE: usize = 20;
+/// Exponent on neighbour weights: higher trusts close neighbours more.
+pub const SHARPNESS: f64 = 2.0;
+/// Weight of plain support in the score.
+pub const PRIOR: f64 = 0.05;
+
+struct Row {
+    parent: String,
+    items: Vec<u32>,
+}
+
+/// The history, indexed for ranking.
+pub struct Index {
+    items: Vec<Change>,
+    ids: HashMap<Change, u32>,
+    rows: Vec<Row>,
+    postings: Vec<Vec<u32>>,
+    scopes: std::cell::RefCell<HashMap<String, Rc<ScopeData>>>,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("derivations", &self.rows.len())
+            .field("changes", &self.items.len())
+            .finish()
+    }
+}
+
+/// Which derivations count for a base, and the support counts within them.
+#[derive(Debug)]
+pub struct ScopeData {
+    /// What the scope is, for messages: `debian/bookworm` or `debian/*` or `all images`.
+    pub label: String,
+    /// The SQL LIKE pattern selecting the same parents.
+    pub pattern: String,
+    member: Vec<bool>,
+    pub size: usize,
+    counts: Vec<u32>,
+    /// Items with a count above zero, most frequent first.
+    by_count: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Scored {
+    pub change: Change,
+    pub score: f64,
+}
+
+impl Index {
+    pub fn build(derivations: &[(i64, Derivation)]) -> Self {
+        let mut items = Vec::new();
+        let mut ids: HashMap<Change, u32> = HashMap::new();
+        let mut rows = Vec::with_capacity(derivations.len());
+        let mut postings: Vec<Vec<u32>> = Vec::new();
+        for (index, (_, derivation)) in derivations.iter().enumerate() {
+            let mut row_items: Vec<u32> = derivation
+                .changes
+                .iter()
+                .map(|change| {
+                    *ids.entry(change.clone()).or_insert_with(|| {
+                        items.push(change.clone());
+                        postings.push(Vec::new());
+                        (items.len() - 1) as u32
+                    })
+                })
+                .collect();
+            row_items.sort_unstable();
+            row_items.dedup();
+            for &item in &row_items {
+                postings[item as usize].push(index as u32);
+            }
+            rows.push(Row {
+                parent: derivation.parent.clone(),
+                items: row_items,
+            });
+        }
+        Self {
+            items,
+            ids,
+            rows,
+            postings,
+            scopes: std::cell::RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The scope for a base name, cached.
+    pub fn scope(&self, base: &str) -> Rc<ScopeData> {
+        if let Some(scope) = self.scopes.borrow().get(base) {
+            return Rc::clone(scope);
+        }
+        let exact: Vec<bool> = self.rows.iter().map(|r| r.parent == base).collect();
+        let (label, pattern, member) = if exact.iter().filter(|m| **m).count() >= MIN_SCOPE {
+            (base.to_owned(), like_escape(base), exact)
+        } else if let Some((family, _)) = base.split_once('/') {
+            let prefix = format!("{family}/");
+            let member: Vec<bool> = self
+                .rows
+                .iter()
+                .map(|r| r.parent.starts_with(&prefix))
+                .collect();
+            if member.iter().filter(|m| **m).count() >= MIN_SCOPE {
+                (
+                    format!("{family}/*"),
+                    format!("{}%", like_escape(&prefix)),
+                    member,
+                )
+            } else {
+                (
+                    "all images".to_owned(),
+                    "%".to_owned(),
+                    vec![true; self.rows.len()],
+                )
+            }
+        } else {
+            (
+                "all images".to_owned(),
+                "%".to_owned(),
+                vec![true; self.rows.len()],
+            )
+        };
+        let mut counts = vec![0u32; self.items.len()];
+        let mut size = 0;
+        for (row, _) in self.rows.iter().zip(&member).filter(|(_, m)| **m) {
+            size += 1;
+            for &item in &row.items {
+                counts[item as usize] += 1;
+            }
+        }
+        let mut by_count: Vec<u32> = (0..counts.len() as u32)
+            .filter(|&i| counts[i as usize] > 0)
+            .collect();
+        by_count.sort_by(|a, b| counts[*b as usize].cmp(&counts[*a as usize]).then(a.cmp(b)));
+        let scope = Rc::new(ScopeData {
+            label,
+            pattern,
+            member,
+            size,
+            counts,
+            by_count,
+        });
+        self.scopes
+            .borrow_mut()
+            .insert(base.to_owned(), Rc::clone(&scope));
+        scope
+    }
+
+    /// Rank changes for an appliance with `known` changes. `exclude` leaves one derivation
+    /// out (for evaluation); `kinds` restricts the candidates.
+    pub fn suggest(
+        &self,
+        scope: &ScopeData,
+        known: &[Change],
+        exclude: Option<usize>,
+        kinds: Option<&[&str]>,
+        limit: usize,
+    ) -> Vec<Scored> {
+        let known_ids: Vec<u32> = known
+            .iter()
+            .filter_map(|c| self.ids.get(c).copied())
+            .collect();
+        let mut overlap: HashMap<u32, u32> = HashMap::new();
+        for &item in &known_ids {
+            for &row in &self.postings[item as usize] {
+                if scope.member[row as usize] && Some(row as usize) != exclude {
+                    *overlap.entry(row).or_insert(0) += 1;
+                }
+            }
+        }
+        let k = known.len().max(1) as f64;
+        let mut scores: HashMap<u32, f64> = HashMap::new();
+        for (&row, &shared) in &overlap {
+            let size = self.rows[row as usize].items.len().max(1) as f64;
+            let weight = (f64::from(shared) / (size * k).sqrt()).powf(SHARPNESS);
+            for &item in &self.rows[row as usize].items {
+                *scores.entry(item).or_insert(0.0) += weight;
+            }
+        }
+        let excluded_items: &[u32] = exclude.map_or(&[], |row| &self.rows[row].items);
+        let excluded_in_scope = exclude.is_some_and(|row| scope.member[row]);
+        let scope_size = (scope.size - usize::from(excluded_in_scope)).max(1) as f64;
+        let count_of = |item: u32| {
+            let count = scope.counts[item as usize];
+            if excluded_in_scope && excluded_items.contains(&item) {
+                count - 1
+            } else {
+                count
+            }
+        };
+        let wanted = |item: &u32| {
+            !known_ids.contains(item)
+                && kinds
+                    .is_none_or(|kinds| kinds.contains(&self.items[*item as usize].kind.as_str()))
+        };
+        // Candidates: whatever a neighbour has, and the most supported changes of the scope
+        // (the prior alone can rank those; nothing else can score above zero).
+        let mut candidates: Vec<u32> = scores.keys().copied().collect();
+        candidates.extend(
+            scope
+                .by_count
+                .iter()
+                .copied()
+                .filter(wanted)
+                .take(limit + excluded_items.len()),
+        );
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut ranked: Vec<Scored> = candidates
+            .into_iter()
+            .filter(wanted)
+            .filter_map(|item| {
+                let count = count_of(item);
+                let neighbours = scores.get(&item).copied().unwrap_or(0.0);
+                if count == 0 && neighbours == 0.0 {
+                    return None;
+                }
+                Some(Scored {
+                    change: self.items[item as usize].clone(),
+                    score: neighbours + PRIOR * f64::from(count) / scope_size,
+                })
+            })
+            .collect();
+        ranked.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| a.change.cmp(&b.change))
+        });
+        ranked.truncate(limit);
+        ranked
+    }
+
+    /// The popularity baseline: support within the scope alone.
+    pub fn popular(
+        &self,
+        scope: &ScopeData,
+        known: &[Change],
+        exclude: Option<usize>,
+        kinds: Option<&[&str]>,
+        limit: usize,
+    ) -> Vec<Scored> {
+        let excluded_items: &[u32] = exclude.map_or(&[], |row| &self.rows[row].items);
+        let excluded_in_scope = exclude.is_some_and(|row| scope.member[row]);
+        // The excluded derivation lowers some counts by one. Past the first
+        // `limit + |excluded|` candidates, only items tied with the last of them can overtake
+        // a lowered one, so those are taken too: the top `limit` stays exact.
+        let eligible = scope
+            .by_count
+            .iter()
+            .copied()
+            .filter(|item| !known.contains(&self.items[*item as usize]))
+            .filter(|item| {
+                kinds.is_none_or(|kinds| kinds.contains(&self.items[*item as usize].kind.as_str()))
+            });
+        let window = limit + excluded_items.len();
+        let mut candidates: Vec<u32> = Vec::new();
+        for item in eligible {
+            if candidates.len() >= window {
+                let floor = candidates
+                    .last()
+                    .map_or(0, |last| scope.counts[*last as usize]);
+                if scope.counts[item as usize] < floor {
+                    break;
+                }
+            }
+            candidates.push(item);
+        }
+        let mut ranked: Vec<Scored> = candidates
+            .into_iter()
+            .filter_map(|item| {
+                let mut count = scope.counts[item as usize];
+                if excluded_in_scope && excluded_items.contains(&item) {
+                    count -= 1;
+                }
+                (count > 0).then(|| Scored {
+                    change: self.items[item as usize].clone(),
+                    score: f64::from(count),
+                })
+            })
+            .collect();
+        ranked.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| a.change.cmp(&b.change))
+        });
+        ranked.truncate(limit);
+        ranked
+    }
+
+    pub fn changes_of(&self, row: usize) -> Vec<Change> {
+        self.rows[row]
+            .items
+            .iter()
+            .map(|&i| self.items[i as usize].clone())
+            .collect()
+    }
+
+    pub fn parent_of(&self, row: usize) -> &str {
+        &self.rows[row].parent
+    }
+}
+
+fn like_escape(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+/// Leave-one-out quality of the ranking and of the popularity baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub derivations: usize,
+    pub cases: usize,
+    pub recall_at_5: f64,
+    pub recall_at_10: f64,
+    pub baseline_recall_at_5: f64,
+    pub baseline_recall_at_10: f64,
+}
+
+/// For each derivation with at least 3 added packages, hide one (chosen by a hash of the
+/// child's name, so runs agree), rank package additions from its other changes with the
+/// derivation itself left out, and count how often the hidden package is in the top 5 / 10.
+pub fn evaluate(index: &Index, children: &[String]) -> Evaluation {
+    let kinds: &[&str] = &["package-added"];
+    let (mut cases, mut hit5, mut hit10, mut base5, mut base10) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
+    for row in 0..index.len() {
+        let changes = index.changes_of(row);
+        let packages: Vec<&Change> = changes
+            .iter()
+            .filter(|c| c.kind == "package-added")
+            .collect();
+        if packages.len() < 3 {
+            continue;
+        }
+        let name = children.get(row).map_or("", String::as_str);
+        let pick = fnv(name) as usize % packages.len();
+        let hidden = packages[pick].clone();
+        let known: Vec<Change> = changes.iter().filter(|c| **c != hidden).cloned().collect();
+        let scope = index.scope(index.parent_of(row));
+        let ranked = index.suggest(&scope, &known, Some(row), Some(kinds), 10);
+        let baseline = index.popular(&scope, &known, Some(row), Some(kinds), 10);
+        let position = |list: &[Scored]| list.iter().position(|s| s.change == hidden);
+        cases += 1;
+        if let Some(p) = position(&ranked) {
+            hit10 += 1;
+            hit5 += usize::from(p < 5);
+        }
+        if let Some(p) = position(&baseline) {
+            base10 += 1;
+            base5 += usize::from(p < 5);
+        }
+    }
+    let share = |hits: usize| {
+        if cases == 0 {
+            0.0
+        } else {
+            hits as f64 / cases as f64
+        }
+    };
+    Evaluation {
+        derivations: index.len(),
+        cases,
+        recall_at_5: share(hit5),
+        recall_at_10: share(hit10),
+        baseline_recall_at_5: share(base5),
+        baseline_recall_at_10: share(base10),
+    }
+}
+
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x100000001b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn derivation(parent: &str, packages: &[&str]) -> (i64, Derivation) {
+        (
+            0,
+            Derivation {
+                parent: parent.into(),
+                child: format!("{parent}:{}", packages.join(",")),
+                changes: packages
+                    .iter()
+                    .map(|p| Change::new("package-added", *p))
+                    .collect(),
+            },
+        )
+    }
+
+    #[test]
+    fn neighbours_sharing_more_outvote_plain_popularity() {
+        let mut history = Vec::new();
+        for _ in 0..30 {
+            history.push(derivation("debian/bookworm", &["curl", "vim"]));
+        }
+        for _ in 0..10 {
+            history.push(derivation("debian/bookworm", &["nginx", "ca-certificates"]));
+        }
+        let index = Index::build(&history);
+        let scope = index.scope("debian/bookworm");
+        assert_eq!((scope.label.as_str(), scope.size), ("debian/bookworm", 40));
+        let known = [Change::new("package-added", "nginx")];
+        let ranked = index.suggest(&scope, &known, None, None, 3);
+        assert_eq!(ranked[0].change.subject, "ca-certificates");
+        let popular = index.popular(&scope, &known, None, None, 3);
+        assert_eq!(popular[0].change.subject, "curl");
+    }
+
+    #[test]
+    fn small_bases_fall_back_to_their_family() {
+        let mut history = vec![derivation("debian/bookworm", &["a"])];
+        for _ in 0..25 {
+            history.push(derivation("debian/buster", &["b"]));
+        }
+        let index = Index::build(&history);
+        let scope = index.scope("debian/bookworm");
+        assert_eq!(
+            (scope.label.as_str(), scope.pattern.as_str(), scope.size),
+            ("debian/*", "debian/%", 26)
+        );
+        let other = index.scope("alpine/3.19");
+        assert_eq!(other.label, "all images");
+    }
+}

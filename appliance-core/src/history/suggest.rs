@@ -1,0 +1,278 @@
+//! Suggestions for the appliances of a workspace, from their manifests alone: the base is
+//! matched by name, the declared packages, users, services, files and ports are the known
+//! changes. Each suggestion becomes a help-level diagnostic on the manifest node it concerns.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{Change, Evidence, evidence, sql_rank, sql_scope};
+use crate::check::CheckReport;
+use crate::diagnostics::{Diagnostic, Level, SourceFile, Span};
+use crate::manifest::model::{Appliance, BaseRef};
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct SuggestOptions {
+    pub limit: usize,
+    pub min_support: f64,
+    pub min_confidence: f64,
+}
+
+impl Default for SuggestOptions {
+    fn default() -> Self {
+        Self {
+            limit: 5,
+            min_support: 0.0,
+            min_confidence: 0.0,
+        }
+    }
+}
+
+/// What a suggestion carries in `--message-format json`, beside the diagnostic fields.
+#[derive(Debug, Clone, Serialize)]
+pub struct SuggestionInfo {
+    pub kind: String,
+    pub subject: String,
+    pub score: f64,
+    pub rank: usize,
+    pub scope: String,
+    #[serde(flatten)]
+    pub evidence: Evidence,
+}
+
+/// The changes an appliance declares, with where each is declared.
+pub fn known_changes(appliance: &Appliance) -> Vec<(Change, Span)> {
+    let mut known = Vec::new();
+    for package in &appliance.packages {
+        known.push((
+            Change::new("package-added", &package.name.value),
+            package.name.span,
+        ));
+    }
+    for package in &appliance.remove {
+        known.push((Change::new("package-removed", &package.value), package.span));
+    }
+    for user in &appliance.users {
+        known.push((Change::new("user-added", &user.name.value), user.name.span));
+    }
+    for group in &appliance.groups {
+        known.push((
+            Change::new("group-added", &group.name.value),
+            group.name.span,
+        ));
+    }
+    for service in &appliance.services {
+        let kind = if service.enable {
+            "service-enabled"
+        } else {
+            "service-disabled"
+        };
+        known.push((Change::new(kind, &service.unit.value), service.unit.span));
+    }
+    for copy in &appliance.copies {
+        known.push((Change::new("file-added", &copy.to.value), copy.to.span));
+    }
+    for binary in &appliance.binaries {
+        known.push((Change::new("file-added", &binary.to), binary.span));
+    }
+    for forward in &appliance.forwards {
+        known.push((
+            Change::new("port-exposed", forward.guest.to_string()),
+            forward.span,
+        ));
+    }
+    for output in &appliance.outputs {
+        for (port, _) in &output.expose {
+            known.push((Change::new("port-exposed", port.to_string()), output.span));
+        }
+    }
+    known
+}
+
+/// The stored-image base an appliance ends at, following `base appliance=` chains, and the
+/// changes of the appliances on the way (an appliance has what its base appliance has).
+fn resolve_base<'a>(
+    appliance: &'a Appliance,
+    all: &BTreeMap<&str, &'a Appliance>,
+) -> (Option<String>, Vec<Change>) {
+    let mut inherited = Vec::new();
+    let mut current = appliance;
+    for _ in 0..=all.len() {
+        match current.base.as_ref().map(|b| &b.value) {
+            Some(BaseRef::Image { name, .. }) => return (Some(name.clone()), inherited),
+            Some(BaseRef::Appliance { name }) => match all.get(name.value.as_str()) {
+                Some(parent) => {
+                    inherited.extend(known_changes(parent).into_iter().map(|(c, _)| c));
+                    current = parent;
+                }
+                None => return (None, inherited),
+            },
+            None => return (None, inherited),
+        }
+    }
+    (None, inherited)
+}
+
+fn message(change: &Change) -> String {
+    let subject = &change.subject;
+    match change.kind.as_str() {
+        "package-added" => format!("consider installing `{subject}`"),
+        "package-removed" => format!("consider removing `{subject}`"),
+        "user-added" => format!("consider adding a user `{subject}`"),
+        "group-added" => format!("consider adding a group `{subject}`"),
+        "service-enabled" => format!("consider enabling `{subject}`"),
+        "port-exposed" => format!("consider exposing port {subject}"),
+        "file-added" => format!("consider providing `{subject}`"),
+        kind => format!("consider `{kind}:{subject}`"),
+    }
+}
+
+fn verb(kind: &str) -> &'static str {
+    match kind {
+        "package-added" => "install",
+        "package-removed" => "remove",
+        "user-added" => "add the user",
+        "group-added" => "add the group",
+        "service-enabled" => "enable",
+        "port-exposed" => "expose",
+        "file-added" => "provide",
+        _ => "have",
+    }
+}
+
+fn explain(change: &Change, scope: &str, evidence: &Evidence) -> String {
+    let mut text = format!(
+        "{} of {} images derived from {scope} also {} {}",
+        evidence.scope_with,
+        evidence.scope_total,
+        verb(&change.kind),
+        change.subject
+    );
+    if let Some(given) = &evidence.given {
+        let (kind, subject) = given.split_once(':').unwrap_or(("", given));
+        text.push_str(&format!(
+            " ({} of {} that {} {subject})",
+            evidence.given_with,
+            evidence.given_total,
+            verb(kind)
+        ));
+    }
+    text
+}
+
+/// Where a suggestion is attached: the node of the same kind when the manifest has one.
+fn anchor(appliance: &Appliance, change: &Change) -> Span {
+    let first = match change.kind.as_str() {
+        "package-added" => appliance.packages.first().map(|p| p.name.span),
+        "package-removed" => appliance.remove.first().map(|p| p.span),
+        "user-added" => appliance.users.first().map(|u| u.span),
+        "group-added" => appliance.groups.first().map(|g| g.span),
+        "service-enabled" | "service-disabled" => appliance.services.first().map(|s| s.span),
+        "port-exposed" => appliance.forwards.first().map(|f| f.span),
+        "file-added" => appliance.copies.first().map(|c| c.span),
+        _ => None,
+    };
+    first.unwrap_or(appliance.name.span)
+}
+
+/// Suggestions for every checked appliance of a report, as help diagnostics. An empty
+/// history gives none.
+pub fn suggest(
+    store: &Store,
+    report: &CheckReport,
+    options: &SuggestOptions,
+) -> anyhow::Result<Vec<Diagnostic>> {
+    let catalog = store.read_catalog()?;
+    let conn = catalog.connection();
+    let derivations: i64 =
+        conn.query_row("SELECT count(*) FROM derivations", [], |row| row.get(0))?;
+    if derivations == 0 {
+        return Ok(Vec::new());
+    }
+    let all: BTreeMap<&str, &Appliance> = report
+        .manifests
+        .iter()
+        .flat_map(|m| m.appliances.iter())
+        .map(|a| (a.name.value.as_str(), a))
+        .collect();
+    let mut diagnostics = Vec::new();
+    for (manifest, appliance) in report.appliances() {
+        let (Some(base), inherited) = resolve_base(appliance, &all) else {
+            continue;
+        };
+        let declared = known_changes(appliance);
+        let mut known: Vec<Change> = declared.iter().map(|(c, _)| c.clone()).collect();
+        known.extend(inherited);
+        let ignored: Vec<&str> = appliance
+            .suggest
+            .ignore
+            .iter()
+            .map(|i| i.value.as_str())
+            .collect();
+        let limit = appliance
+            .suggest
+            .limit
+            .map_or(options.limit, |l| l as usize);
+        let min_support = appliance.suggest.min_support.unwrap_or(options.min_support);
+        let min_confidence = appliance
+            .suggest
+            .min_confidence
+            .unwrap_or(options.min_confidence);
+        let (scope_label, scope_pattern, _) = sql_scope(conn, &base)?;
+        let mut rank = 0;
+        for scored in sql_rank(conn, &scope_pattern, &known, limit * 4 + ignored.len())? {
+            if rank >= limit {
+                break;
+            }
+            if ignored.contains(&scored.change.key().as_str()) {
+                continue;
+            }
+            let evidence = evidence(conn, &scope_pattern, &scored.change, &known)?;
+            if evidence.support < min_support || evidence.confidence < min_confidence {
+                continue;
+            }
+            rank += 1;
+            diagnostics.push(suggestion_diagnostic(
+                &manifest.source,
+                appliance,
+                &scored.change,
+                &scope_label,
+                SuggestionInfo {
+                    kind: scored.change.kind.clone(),
+                    subject: scored.change.subject.clone(),
+                    score: (scored.score * 1000.0).round() / 1000.0,
+                    rank,
+                    scope: scope_label.clone(),
+                    evidence,
+                },
+            ));
+        }
+    }
+    Ok(diagnostics)
+}
+
+fn suggestion_diagnostic(
+    file: &Arc<SourceFile>,
+    appliance: &Appliance,
+    change: &Change,
+    scope: &str,
+    info: SuggestionInfo,
+) -> Diagnostic {
+    let help = format!(
+        "{}; silence with `suggest {{ ignore \"{}\" }}`",
+        explain(change, scope, &info.evidence),
+        change.key()
+    );
+    let mut diagnostic = Diagnostic::new(Level::Help, "appliance::suggestion", message(change))
+        .at(file, anchor(appliance, change))
+        .label(format!(
+            "suggestion {} for `{}`",
+            info.rank, appliance.name.value
+        ))
+        .help(help)
+        .for_appliance(&appliance.name.value);
+    diagnostic.suggestion = Some(info);
+    diagnostic
+}

@@ -1,0 +1,130 @@
+//! The one place that runs external programs (`mmdebstrap`, later `apt`, `mke2fs`, `qemu`…).
+//! A command is a value; a failure names the program, its arguments and the tail of its
+//! stderr, so the user sees what ran and why it failed.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Lines of stderr kept in an error.
+const STDERR_TAIL_LINES: usize = 20;
+
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    program: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    #[error("could not run `{program}`: {source}{hint}")]
+    Spawn {
+        program: String,
+        hint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status})\n{stderr_tail}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr_tail: String,
+    },
+}
+
+impl Cmd {
+    pub fn new(program: impl Into<OsString>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn display(&self) -> String {
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Run to completion; stdout is returned, stderr kept for the error.
+    pub fn output(&self) -> Result<Vec<u8>, CmdError> {
+        let output = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| CmdError::Spawn {
+                program: self.program.to_string_lossy().into_owned(),
+                hint: if source.kind() == std::io::ErrorKind::NotFound {
+                    " (not installed? `.ci/install-deps` installs what cargo-appliance needs)"
+                        .into()
+                } else {
+                    String::new()
+                },
+                source,
+            })?;
+        if output.status.success() {
+            return Ok(output.stdout);
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join("\n");
+        Err(CmdError::Failed {
+            command: self.display(),
+            status: output.status.to_string(),
+            stderr_tail: tail,
+        })
+    }
+}
+
+/// Whether a program is on PATH.
+pub fn available(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| is_executable(&dir.join(program)))
+    })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_name_the_command_and_keep_stderr() {
+        let error = Cmd::new("sh")
+            .args(["-c", "echo first >&2; echo second >&2; exit 3"])
+            .output()
+            .expect_err("exits 3");
+        let message = error.to_string();
+        assert!(message.contains("`sh -c"), "{message}");
+        assert!(message.contains("exit status: 3"), "{message}");
+        assert!(message.ends_with("first\nsecond"), "{message}");
+        let missing = Cmd::new("no-such-program-here")
+            .output()
+            .expect_err("missing");
+        assert!(missing.to_string().contains("not installed?"));
+    }
+}

@@ -1,0 +1,374 @@
+//! The catalog: images, their entries and installed packages, in DuckDB.
+//!
+//! An image and all its rows are inserted in one transaction, so a killed import leaves no
+//! trace in the catalog. Ownership, modes, xattrs and device numbers live here, not in the
+//! object files, so an unprivileged user can hold root-owned trees.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::Context as _;
+use duckdb::{AccessMode, Config, Connection, params};
+use serde::Serialize;
+
+use super::tree::{Entry, EntryKind, Tree, hex, unhex};
+use crate::packages::dpkg::InstalledPackage;
+
+/// Bump when the tables change; `open` refuses catalogs of another version.
+pub const SCHEMA_VERSION: &str = "1";
+
+const SCHEMA: &str = "
+CREATE SEQUENCE IF NOT EXISTS image_ids START 1;
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id BIGINT PRIMARY KEY,
+    name VARCHAR NOT NULL,
+    version VARCHAR NOT NULL,
+    tree_digest VARCHAR NOT NULL,
+    parent BIGINT,
+    created_at BIGINT NOT NULL,
+    provenance VARCHAR NOT NULL,
+    entry_count BIGINT NOT NULL,
+    content_bytes BIGINT NOT NULL,
+    needs_repair BOOLEAN NOT NULL DEFAULT false,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS entries (
+    image BIGINT NOT NULL,
+    path VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,
+    mode INTEGER NOT NULL,
+    uid UINTEGER NOT NULL,
+    gid UINTEGER NOT NULL,
+    size UBIGINT NOT NULL,
+    digest VARCHAR,
+    link_target VARCHAR,
+    dev_major UINTEGER,
+    dev_minor UINTEGER,
+    xattrs VARCHAR,
+    mtime BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS packages (
+    image BIGINT NOT NULL,
+    name VARCHAR NOT NULL,
+    version VARCHAR NOT NULL,
+    architecture VARCHAR NOT NULL
+);
+";
+
+/// A stored image as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageRecord {
+    pub id: i64,
+    pub name: String,
+    pub version: String,
+    pub tree_digest: String,
+    pub parent: Option<i64>,
+    pub created_at: i64,
+    pub provenance: serde_json::Value,
+    pub entry_count: i64,
+    pub content_bytes: i64,
+    pub needs_repair: bool,
+}
+
+impl ImageRecord {
+    pub fn reference(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// What a new image is, before it has an id.
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    pub name: String,
+    pub version: String,
+    pub parent: Option<i64>,
+    pub provenance: serde_json::Value,
+}
+
+#[derive(Debug)]
+pub struct Catalog {
+    conn: Connection,
+}
+
+impl Catalog {
+    pub fn open(path: &Path, read_only: bool) -> anyhow::Result<Self> {
+        let config = Config::default()
+            .access_mode(if read_only {
+                AccessMode::ReadOnly
+            } else {
+                AccessMode::ReadWrite
+            })
+            .context("configuring DuckDB")?;
+        let conn = Connection::open_with_flags(path, config)
+            .with_context(|| format!("opening the catalog {}", path.display()))?;
+        let catalog = Self { conn };
+        if !read_only {
+            catalog
+                .conn
+                .execute_batch(SCHEMA)
+                .context("creating the catalog tables")?;
+            catalog
+                .conn
+                .execute_batch(crate::history::SCHEMA)
+                .context("creating the history tables")?;
+            catalog.conn.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
+                params![SCHEMA_VERSION],
+            )?;
+        }
+        let version: String = catalog
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |row| row.get(0),
+            )
+            .context("reading the catalog's schema version")?;
+        anyhow::ensure!(
+            version == SCHEMA_VERSION,
+            "the catalog at {} has schema version {version}; this cargo-appliance reads version {SCHEMA_VERSION}",
+            path.display()
+        );
+        Ok(catalog)
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    pub fn images(&self) -> anyhow::Result<Vec<ImageRecord>> {
+        let mut statement = self.conn.prepare(
+            "SELECT id, name, version, tree_digest, parent, created_at, provenance, entry_count, content_bytes, needs_repair
+             FROM images ORDER BY name, id",
+        )?;
+        let rows = statement.query_map([], |row| {
+            let provenance: String = row.get(6)?;
+            Ok(ImageRecord {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                version: row.get(2)?,
+                tree_digest: row.get(3)?,
+                parent: row.get(4)?,
+                created_at: row.get(5)?,
+                provenance: serde_json::from_str(&provenance).unwrap_or(serde_json::Value::Null),
+                entry_count: row.get(7)?,
+                content_bytes: row.get(8)?,
+                needs_repair: row.get(9)?,
+            })
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .context("listing images")
+    }
+
+    pub fn entries(&self, image: i64) -> anyhow::Result<BTreeMap<String, Entry>> {
+        let mut statement = self.conn.prepare(
+            "SELECT path, kind, mode, uid, gid, size, digest, link_target, dev_major, dev_minor, xattrs, mtime
+             FROM entries WHERE image = ?",
+        )?;
+        let rows = statement.query_map(params![image], |row| {
+            let kind: String = row.get(1)?;
+            let major: Option<u32> = row.get(8)?;
+            let minor: Option<u32> = row.get(9)?;
+            let xattrs: Option<String> = row.get(10)?;
+            Ok((
+                row.get::<_, String>(0)?,
+                kind,
+                Entry {
+                    kind: EntryKind::File,
+                    mode: row.get(2)?,
+                    uid: row.get(3)?,
+                    gid: row.get(4)?,
+                    size: row.get(5)?,
+                    digest: row.get(6)?,
+                    link_target: row.get(7)?,
+                    device: major.zip(minor),
+                    xattrs: xattrs
+                        .and_then(|json| {
+                            serde_json::from_str::<BTreeMap<String, String>>(&json).ok()
+                        })
+                        .map(|map| {
+                            map.into_iter()
+                                .filter_map(|(k, v)| Some((k, unhex(&v)?)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    mtime: row.get(11)?,
+                },
+            ))
+        })?;
+        let mut entries = BTreeMap::new();
+        for row in rows {
+            let (path, kind, mut entry) = row?;
+            entry.kind = EntryKind::parse(&kind)
+                .with_context(|| format!("catalog entry {path} has unknown kind {kind}"))?;
+            entries.insert(path, entry);
+        }
+        Ok(entries)
+    }
+
+    pub fn tree(&self, image: i64) -> anyhow::Result<Tree> {
+        Ok(Tree::from_entries(self.entries(image)?))
+    }
+
+    pub fn packages(&self, image: i64) -> anyhow::Result<Vec<InstalledPackage>> {
+        let mut statement = self.conn.prepare(
+            "SELECT name, version, architecture FROM packages WHERE image = ? ORDER BY name",
+        )?;
+        let rows = statement.query_map(params![image], |row| {
+            Ok(InstalledPackage {
+                name: row.get(0)?,
+                version: row.get(1)?,
+                architecture: row.get(2)?,
+            })
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .context("reading packages")
+    }
+
+    /// Insert an image with its entries and packages, all or nothing.
+    pub fn insert_image(
+        &mut self,
+        new: &NewImage,
+        tree: &Tree,
+        packages: &[InstalledPackage],
+    ) -> anyhow::Result<ImageRecord> {
+        let created_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let tree_digest = tree.digest();
+        let content_bytes: u64 = tree
+            .entries()
+            .values()
+            .filter(|e| e.kind == EntryKind::File)
+            .map(|e| e.size)
+            .sum();
+        let provenance = new.provenance.to_string();
+        let tx = self.conn.transaction()?;
+        let id: i64 = tx.query_row("SELECT nextval('image_ids')", [], |row| row.get(0))?;
+        tx.execute(
+            "INSERT INTO images (id, name, version, tree_digest, parent, created_at, provenance, entry_count, content_bytes)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            params![
+                id,
+                new.name,
+                new.version,
+                tree_digest,
+                new.parent,
+                created_at,
+                provenance,
+                tree.len() as i64,
+                content_bytes as i64
+            ],
+        )
+        .with_context(|| format!("recording image {}@{}", new.name, new.version))?;
+        {
+            let mut appender = tx.appender("entries")?;
+            for (path, entry) in tree.entries() {
+                let xattrs = if entry.xattrs.is_empty() {
+                    None
+                } else {
+                    let map: BTreeMap<&str, String> = entry
+                        .xattrs
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), hex(v)))
+                        .collect();
+                    Some(serde_json::to_string(&map)?)
+                };
+                appender.append_row(params![
+                    id,
+                    path,
+                    entry.kind.as_str(),
+                    entry.mode,
+                    entry.uid,
+                    entry.gid,
+                    entry.size,
+                    entry.digest,
+                    entry.link_target,
+                    entry.device.map(|d| d.0),
+                    entry.device.map(|d| d.1),
+                    xattrs,
+                    entry.mtime
+                ])?;
+            }
+            appender.flush()?;
+        }
+        {
+            let mut appender = tx.appender("packages")?;
+            for package in packages {
+                appender.append_row(params![
+                    id,
+                    package.name,
+                    package.version,
+                    package.architecture
+                ])?;
+            }
+            appender.flush()?;
+        }
+        tx.commit().context("committing the image")?;
+        Ok(ImageRecord {
+            id,
+            name: new.name.clone(),
+            version: new.version.clone(),
+            tree_digest,
+            parent: new.parent,
+            created_at,
+            provenance: new.provenance.clone(),
+            entry_count: tree.len() as i64,
+            content_bytes: content_bytes as i64,
+            needs_repair: false,
+        })
+    }
+
+    pub fn remove_images(&mut self, ids: &[i64]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        for id in ids {
+            tx.execute("DELETE FROM entries WHERE image = ?", params![id])?;
+            tx.execute("DELETE FROM packages WHERE image = ?", params![id])?;
+            tx.execute("DELETE FROM images WHERE id = ?", params![id])?;
+        }
+        tx.commit().context("removing images")?;
+        Ok(())
+    }
+
+    /// Every object digest some image references.
+    pub fn referenced_digests(&self) -> anyhow::Result<BTreeSet<String>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT DISTINCT digest FROM entries WHERE digest IS NOT NULL")?;
+        let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+        rows.collect::<Result<BTreeSet<_>, _>>()
+            .context("listing referenced objects")
+    }
+
+    /// Images that reference any of these digests.
+    pub fn images_using(&self, digests: &BTreeSet<String>) -> anyhow::Result<BTreeSet<i64>> {
+        let mut users = BTreeSet::new();
+        let mut statement = self
+            .conn
+            .prepare("SELECT DISTINCT image FROM entries WHERE digest = ?")?;
+        for digest in digests {
+            let rows = statement.query_map(params![digest], |row| row.get::<_, i64>(0))?;
+            for row in rows {
+                users.insert(row?);
+            }
+        }
+        Ok(users)
+    }
+
+    pub fn mark_needs_repair(&mut self, ids: &BTreeSet<i64>) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        for id in ids {
+            tx.execute(
+                "UPDATE images SET needs_repair = true WHERE id = ?",
+                params![id],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,651 @@
+//! The image store: a catalog of images with their lineage, and content-addressed objects.
+//!
+//! Layout on disk (only this module knows it):
+//! ```text
+//! <store>/
+//!   catalog.duckdb      images, entries (path, type, mode, owner, size, digest, link,
+//!                       device numbers, xattrs, mtime) and installed packages
+//!   objects/ab/cdef…    file contents named by SHA-256, stored once, read-only
+//!   staging/<id>/       objects of imports in progress (gc removes those of dead processes)
+//!   quarantine/         objects that failed verification (`fsck --repair`)
+//!   catalog.lock        flock: shared to read the catalog, exclusive to change it
+//!   gc.lock             flock: shared while an import runs, exclusive for gc
+//! ```
+//! Crash safety: objects are staged, flushed, renamed into place and flushed again before
+//! the catalog transaction that names them commits (see `objects`). The catalog is only
+//! opened while `catalog.lock` is held, so concurrent processes never see DuckDB's own
+//! lock errors: readers share the lock, writers wait for each other.
+
+pub mod catalog;
+pub mod export;
+pub mod import;
+pub mod objects;
+pub mod tar_reader;
+pub mod tree;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use catalog::Catalog;
+pub use catalog::{ImageRecord, NewImage};
+use objects::{Objects, Staging};
+use tree::Tree;
+
+use crate::manifest::version::Version;
+use crate::packages::dpkg::{InstalledPackage, parse_status};
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// A held flock; released on drop.
+#[derive(Debug)]
+pub struct LockGuard {
+    _file: File,
+}
+
+fn lock(path: &Path, exclusive: bool) -> anyhow::Result<LockGuard> {
+    let file = fs_err::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?
+        .into_parts()
+        .0;
+    let operation = if exclusive {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::LockShared
+    };
+    rustix::fs::flock(&file, operation).with_context(|| format!("locking {}", path.display()))?;
+    Ok(LockGuard { _file: file })
+}
+
+fn try_lock_exclusive(path: &Path) -> anyhow::Result<Option<LockGuard>> {
+    let file = fs_err::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?
+        .into_parts()
+        .0;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(LockGuard { _file: file })),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// The default store: `$XDG_DATA_HOME/cargo-appliance/store`, or `~/.local/share/…`.
+pub fn default_store_dir() -> anyhow::Result<PathBuf> {
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(data).join("cargo-appliance/store"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_DATA_HOME nor HOME is set; pass --store DIR")?;
+    Ok(PathBuf::from(home).join(".local/share/cargo-appliance/store"))
+}
+
+/// A catalog opened under its lock.
+#[derive(Debug)]
+pub struct LockedCatalog {
+    pub catalog: Catalog,
+    _guard: LockGuard,
+}
+
+impl std::ops::Deref for LockedCatalog {
+    type Target = Catalog;
+    fn deref(&self) -> &Catalog {
+        &self.catalog
+    }
+}
+
+impl std::ops::DerefMut for LockedCatalog {
+    fn deref_mut(&mut self) -> &mut Catalog {
+        &mut self.catalog
+    }
+}
+
+/// What `images --tree` and `image show` print.
+#[derive(Debug, Serialize)]
+pub struct ImageDetails {
+    #[serde(flatten)]
+    pub record: ImageRecord,
+    pub parent_reference: Option<String>,
+    pub children: Vec<String>,
+    pub packages: Vec<InstalledPackage>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub removed_objects: usize,
+    pub removed_bytes: u64,
+    pub removed_staging: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct FsckReport {
+    pub objects_checked: usize,
+    pub corrupt_objects: Vec<String>,
+    pub missing_objects: Vec<String>,
+    pub unreferenced_objects: usize,
+    pub images_needing_repair: Vec<String>,
+    pub quarantined: usize,
+}
+
+impl FsckReport {
+    pub fn is_clean(&self) -> bool {
+        self.corrupt_objects.is_empty() && self.missing_objects.is_empty()
+    }
+}
+
+impl Store {
+    /// Open (creating if needed) a store directory.
+    pub fn open(root: &Path) -> anyhow::Result<Self> {
+        for dir in ["objects", "staging", "quarantine"] {
+            fs_err::create_dir_all(root.join(dir))
+                .with_context(|| format!("creating the store at {}", root.display()))?;
+        }
+        let store = Self {
+            root: fs_err::canonicalize(root)?,
+        };
+        if !store.root.join("catalog.duckdb").exists() {
+            drop(store.write_catalog()?);
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn objects(&self) -> Objects {
+        Objects::new(self.root.join("objects"))
+    }
+
+    pub fn read_catalog(&self) -> anyhow::Result<LockedCatalog> {
+        let guard = lock(&self.root.join("catalog.lock"), false)?;
+        match Catalog::open(&self.root.join("catalog.duckdb"), true) {
+            Ok(catalog) => Ok(LockedCatalog {
+                catalog,
+                _guard: guard,
+            }),
+            Err(read_only_error) => {
+                // A writer killed mid-commit leaves a write-ahead log that only a read-write
+                // open replays; do that under the exclusive lock, then read.
+                drop(guard);
+                let catalog = self.write_catalog().with_context(|| {
+                    format!("after a read-only open failed: {read_only_error:#}")
+                })?;
+                catalog.connection().execute_batch("CHECKPOINT")?;
+                Ok(catalog)
+            }
+        }
+    }
+
+    pub fn write_catalog(&self) -> anyhow::Result<LockedCatalog> {
+        let guard = lock(&self.root.join("catalog.lock"), true)?;
+        let catalog = Catalog::open(&self.root.join("catalog.duckdb"), false)?;
+        Ok(LockedCatalog {
+            catalog,
+            _guard: guard,
+        })
+    }
+
+    /// Resolve `NAME`, `NAME@VERSION` or a tree-digest prefix (at least 6 hex digits).
+    pub fn resolve(&self, catalog: &Catalog, reference: &str) -> anyhow::Result<ImageRecord> {
+        let images = catalog.images()?;
+        if let Some((name, version)) = reference.split_once('@') {
+            return images
+                .into_iter()
+                .find(|i| i.name == name && i.version == version)
+                .with_context(|| format!("no image {name}@{version} in the store"));
+        }
+        let newest = images
+            .iter()
+            .filter(|i| i.name == reference)
+            .max_by(|a, b| {
+                version_key(&a.version)
+                    .cmp(&version_key(&b.version))
+                    .then(a.id.cmp(&b.id))
+            });
+        if let Some(image) = newest {
+            return Ok(image.clone());
+        }
+        if reference.len() >= 6 && reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let matching: Vec<&ImageRecord> = images
+                .iter()
+                .filter(|i| i.tree_digest.starts_with(reference))
+                .collect();
+            match matching.as_slice() {
+                [one] => return Ok((*one).clone()),
+                [] => {}
+                several => bail!(
+                    "digest prefix {reference} is ambiguous: {}",
+                    several
+                        .iter()
+                        .map(|i| i.reference())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+        let names: BTreeSet<&str> = images.iter().map(|i| i.name.as_str()).collect();
+        let hint = crate::diagnostics::did_you_mean(reference, names.iter().copied())
+            .map(|close| format!("; did you mean `{close}`?"))
+            .unwrap_or_default();
+        bail!("no image `{reference}` in the store{hint}")
+    }
+
+    /// Import a directory, tar archive or OCI layout as `name[@version]`.
+    pub fn import(
+        &self,
+        reference: &str,
+        source: &Path,
+        parent: Option<&str>,
+        provenance: serde_json::Value,
+    ) -> anyhow::Result<ImageRecord> {
+        self.import_with_limits(
+            reference,
+            source,
+            parent,
+            provenance,
+            import::Limits::default(),
+        )
+    }
+
+    pub fn import_with_limits(
+        &self,
+        reference: &str,
+        source: &Path,
+        parent: Option<&str>,
+        provenance: serde_json::Value,
+        limits: import::Limits,
+    ) -> anyhow::Result<ImageRecord> {
+        let (name, version) = parse_new_reference(reference)?;
+        // Hold off gc for as long as this import has staged or unreferenced objects.
+        let _lease = lock(&self.root.join("gc.lock"), false)?;
+        let parent_id = match parent {
+            Some(parent) => {
+                let catalog = self.read_catalog()?;
+                Some(self.resolve(&catalog, parent)?.id)
+            }
+            None => None,
+        };
+        let staging_dir = self.root.join("staging").join(format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let mut staging = Staging::new(staging_dir.clone(), self.objects())?;
+        let imported = match import::import_path(source, &mut staging, limits) {
+            Ok(imported) => imported,
+            Err(error) => {
+                let _ = fs_err::remove_dir_all(&staging_dir);
+                return Err(error.context(format!(
+                    "importing {} from {}",
+                    reference,
+                    source.display()
+                )));
+            }
+        };
+        staging.commit()?;
+        let packages = imported
+            .dpkg_status
+            .as_deref()
+            .map(|status| parse_status(&String::from_utf8_lossy(status)))
+            .unwrap_or_default();
+        let mut provenance = provenance;
+        if let Some(object) = provenance.as_object_mut() {
+            object.insert("format".into(), imported.format.into());
+            if !packages.is_empty() {
+                let versions: BTreeMap<&str, &str> = packages
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.version.as_str()))
+                    .collect();
+                object.insert("packages".into(), serde_json::json!(versions));
+            }
+        }
+        let mut catalog = self.write_catalog()?;
+        let images = catalog.images()?;
+        if let Some(parent_id) = parent_id {
+            anyhow::ensure!(
+                images.iter().any(|i| i.id == parent_id),
+                "the parent image was removed while importing"
+            );
+        }
+        let version = match version {
+            Some(version) => {
+                anyhow::ensure!(
+                    !images
+                        .iter()
+                        .any(|i| i.name == name && i.version == version),
+                    "{name}@{version} is already in the store"
+                );
+                version
+            }
+            None => next_version(&images, &name),
+        };
+        let record = catalog.insert_image(
+            &NewImage {
+                name,
+                version,
+                parent: parent_id,
+                provenance,
+            },
+            &imported.tree,
+            &packages,
+        )?;
+        if let Some(parent) = parent_id.and_then(|p| images.iter().find(|i| i.id == p)) {
+            self.record_derivation(&mut catalog, parent, &record)
+                .context(
+                    "recording the derivation (the image is stored; `history rebuild` retries)",
+                )?;
+        }
+        Ok(record)
+    }
+
+    /// Typed changes from one stored image to another.
+    pub fn diff_images(
+        &self,
+        catalog: &Catalog,
+        parent: &ImageRecord,
+        child: &ImageRecord,
+    ) -> anyhow::Result<Vec<crate::diff::DiffEntry>> {
+        let objects = self.objects();
+        let read = |digest: &str| objects.read(digest);
+        let (parent_tree, child_tree) = (catalog.tree(parent.id)?, catalog.tree(child.id)?);
+        let (parent_packages, child_packages) =
+            (catalog.packages(parent.id)?, catalog.packages(child.id)?);
+        crate::diff::diff(
+            &crate::diff::Side {
+                tree: &parent_tree,
+                packages: &parent_packages,
+                read: &read,
+            },
+            &crate::diff::Side {
+                tree: &child_tree,
+                packages: &child_packages,
+                read: &read,
+            },
+        )
+    }
+
+    pub fn diff(&self, a: &str, b: &str) -> anyhow::Result<Vec<crate::diff::DiffEntry>> {
+        let catalog = self.read_catalog()?;
+        let (a, b) = (self.resolve(&catalog, a)?, self.resolve(&catalog, b)?);
+        self.diff_images(&catalog, &a, &b)
+    }
+
+    fn record_derivation(
+        &self,
+        catalog: &mut LockedCatalog,
+        parent: &ImageRecord,
+        child: &ImageRecord,
+    ) -> anyhow::Result<()> {
+        let changes = self.diff_images(catalog, parent, child)?;
+        let derivation = crate::history::Derivation {
+            parent: parent.name.clone(),
+            child: child.reference(),
+            changes: changes.iter().map(crate::diff::DiffEntry::change).collect(),
+        };
+        crate::history::insert_for_images(
+            catalog.connection_mut(),
+            [(&derivation, Some(child.id))],
+            "store",
+        )?;
+        Ok(())
+    }
+
+    /// Re-derive the history of stored images (derivations with origin `store`) from the
+    /// catalog; imported history is kept.
+    pub fn rebuild_history(&self) -> anyhow::Result<usize> {
+        let mut catalog = self.write_catalog()?;
+        catalog.connection().execute_batch(
+            "DELETE FROM changes WHERE derivation IN (SELECT id FROM derivations WHERE origin = 'store');
+             DELETE FROM derivations WHERE origin = 'store';",
+        )?;
+        let images = catalog.images()?;
+        let mut count = 0;
+        for child in &images {
+            if let Some(parent) = child.parent.and_then(|p| images.iter().find(|i| i.id == p)) {
+                self.record_derivation(&mut catalog, parent, child)?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    pub fn tree(&self, image: &ImageRecord) -> anyhow::Result<Tree> {
+        self.read_catalog()?.tree(image.id)
+    }
+
+    pub fn export(
+        &self,
+        reference: &str,
+        destination: &Path,
+    ) -> anyhow::Result<export::ExportReport> {
+        let (image, tree) = {
+            let catalog = self.read_catalog()?;
+            let image = self.resolve(&catalog, reference)?;
+            let tree = catalog.tree(image.id)?;
+            (image, tree)
+        };
+        anyhow::ensure!(
+            !image.needs_repair,
+            "{} has corrupt objects (fsck marked it); re-import it or remove it",
+            image.reference()
+        );
+        export::export(&tree, &self.objects(), destination).with_context(|| {
+            format!(
+                "exporting {} to {}",
+                image.reference(),
+                destination.display()
+            )
+        })
+    }
+
+    pub fn list(&self) -> anyhow::Result<Vec<ImageRecord>> {
+        self.read_catalog()?.images()
+    }
+
+    pub fn show(&self, reference: &str) -> anyhow::Result<ImageDetails> {
+        let catalog = self.read_catalog()?;
+        let record = self.resolve(&catalog, reference)?;
+        let images = catalog.images()?;
+        let parent_reference = record
+            .parent
+            .and_then(|p| images.iter().find(|i| i.id == p))
+            .map(ImageRecord::reference);
+        let children = images
+            .iter()
+            .filter(|i| i.parent == Some(record.id))
+            .map(ImageRecord::reference)
+            .collect();
+        let packages = catalog.packages(record.id)?;
+        Ok(ImageDetails {
+            record,
+            parent_reference,
+            children,
+            packages,
+        })
+    }
+
+    /// Remove an image; with `recursive`, its descendants too. Objects stay until `gc`.
+    pub fn remove(&self, reference: &str, recursive: bool) -> anyhow::Result<Vec<String>> {
+        let mut catalog = self.write_catalog()?;
+        let image = self.resolve(&catalog, reference)?;
+        let images = catalog.images()?;
+        let mut doomed = vec![image.id];
+        let mut frontier = vec![image.id];
+        while let Some(id) = frontier.pop() {
+            for child in images.iter().filter(|i| i.parent == Some(id)) {
+                doomed.push(child.id);
+                frontier.push(child.id);
+            }
+        }
+        if doomed.len() > 1 && !recursive {
+            let children: Vec<String> = images
+                .iter()
+                .filter(|i| i.parent == Some(image.id))
+                .map(ImageRecord::reference)
+                .collect();
+            bail!(
+                "{} has derived images ({}); remove them first or pass --recursive",
+                image.reference(),
+                children.join(", ")
+            );
+        }
+        catalog.remove_images(&doomed)?;
+        // Their derivations describe images that no longer exist.
+        for id in &doomed {
+            catalog.connection().execute(
+                "DELETE FROM changes WHERE derivation IN (SELECT id FROM derivations WHERE image = ?)",
+                duckdb::params![id],
+            )?;
+            catalog.connection().execute(
+                "DELETE FROM derivations WHERE image = ?",
+                duckdb::params![id],
+            )?;
+        }
+        Ok(images
+            .iter()
+            .filter(|i| doomed.contains(&i.id))
+            .map(ImageRecord::reference)
+            .collect())
+    }
+
+    /// Remove objects no image references and staging directories of dead imports. Waits
+    /// for running imports: they hold `gc.lock` shared from their first object to their
+    /// catalog commit.
+    pub fn gc(&self) -> anyhow::Result<GcReport> {
+        let _exclusive = lock(&self.root.join("gc.lock"), true)?;
+        let referenced = self.read_catalog()?.referenced_digests()?;
+        let mut report = GcReport::default();
+        for (digest, path) in self.objects().list()? {
+            if !referenced.contains(&digest) {
+                report.removed_bytes += fs_err::metadata(&path).map_or(0, |m| m.len());
+                fs_err::remove_file(&path)?;
+                report.removed_objects += 1;
+            }
+        }
+        for staging in fs_err::read_dir(self.root.join("staging"))? {
+            fs_err::remove_dir_all(staging?.path())?;
+            report.removed_staging += 1;
+        }
+        Ok(report)
+    }
+
+    /// Verify every object against its digest and every catalog reference against the
+    /// objects. With `repair`, corrupt objects move to `quarantine/` and the images that
+    /// need them are marked.
+    pub fn fsck(&self, repair: bool) -> anyhow::Result<FsckReport> {
+        let _exclusive = if repair {
+            Some(lock(&self.root.join("gc.lock"), true)?)
+        } else {
+            None
+        };
+        let (referenced, images) = {
+            let catalog = self.read_catalog()?;
+            (catalog.referenced_digests()?, catalog.images()?)
+        };
+        let objects = self.objects();
+        let mut report = FsckReport::default();
+        let mut present = BTreeSet::new();
+        for (digest, path) in objects.list()? {
+            report.objects_checked += 1;
+            present.insert(digest.clone());
+            let ok = objects
+                .open(&digest)
+                .and_then(|mut reader| Ok(std::io::copy(&mut reader, &mut std::io::sink())?))
+                .is_ok();
+            if !ok {
+                report.corrupt_objects.push(digest.clone());
+                if repair {
+                    fs_err::rename(&path, self.root.join("quarantine").join(&digest))?;
+                    report.quarantined += 1;
+                }
+            } else if !referenced.contains(&digest) {
+                report.unreferenced_objects += 1;
+            }
+        }
+        report.missing_objects = referenced.difference(&present).cloned().collect();
+        let bad: BTreeSet<String> = report
+            .corrupt_objects
+            .iter()
+            .chain(report.missing_objects.iter())
+            .cloned()
+            .collect();
+        if !bad.is_empty() {
+            let mut catalog = if repair {
+                Some(self.write_catalog()?)
+            } else {
+                None
+            };
+            let users = match &catalog {
+                Some(catalog) => catalog.images_using(&bad)?,
+                None => self.read_catalog()?.images_using(&bad)?,
+            };
+            report.images_needing_repair = images
+                .iter()
+                .filter(|i| users.contains(&i.id))
+                .map(ImageRecord::reference)
+                .collect();
+            if let Some(catalog) = catalog.as_mut() {
+                catalog.mark_needs_repair(&users)?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Whether gc could run now (no import holds a lease); for tests and status output.
+    pub fn gc_would_wait(&self) -> anyhow::Result<bool> {
+        Ok(try_lock_exclusive(&self.root.join("gc.lock"))?.is_none())
+    }
+}
+
+fn version_key(version: &str) -> Version {
+    Version::parse(version).unwrap_or(Version(Vec::new()))
+}
+
+fn next_version(images: &[ImageRecord], name: &str) -> String {
+    let newest = images
+        .iter()
+        .filter(|i| i.name == name)
+        .filter_map(|i| Version::parse(&i.version).ok())
+        .filter_map(|v| v.0.first().copied())
+        .max();
+    (newest.map_or(1, |major| major + 1)).to_string()
+}
+
+/// `NAME` or `NAME@VERSION` for a new image, with the manifest's grammars.
+pub fn parse_new_reference(reference: &str) -> anyhow::Result<(String, Option<String>)> {
+    let (name, version) = match reference.split_once('@') {
+        Some((name, version)) => (name, Some(version)),
+        None => (reference, None),
+    };
+    (crate::manifest::grammar::IMAGE_NAME.check)(name)
+        .map_err(|e| anyhow::anyhow!("image name `{}` {e}", name.escape_debug()))?;
+    if let Some(version) = version {
+        Version::parse(version)
+            .map_err(|e| anyhow::anyhow!("version `{}` {e}", version.escape_debug()))?;
+    }
+    Ok((name.to_owned(), version.map(str::to_owned)))
+}
+
+/// A tree of images by lineage, for `images --tree`.
+pub fn lineage(images: &[ImageRecord]) -> BTreeMap<Option<i64>, Vec<&ImageRecord>> {
+    let mut children: BTreeMap<Option<i64>, Vec<&ImageRecord>> = BTreeMap::new();
+    for image in images {
+        let parent = image.parent.filter(|p| images.iter().any(|i| i.id == *p));
+        children.entry(parent).or_default().push(image);
+    }
+    children
+}

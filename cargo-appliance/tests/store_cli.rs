@@ -1,0 +1,564 @@
+//! The store through the real binary, with real Debian content: a minbase root filesystem
+//! made by mmdebstrap (cached in Cargo's target directory between runs).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cargo-appliance"));
+    command.env_remove("APPLIANCE_STORE").env("NO_COLOR", "1");
+    command
+}
+
+fn run(store: &Path, args: &[&str]) -> Output {
+    binary()
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn ok(store: &Path, args: &[&str]) -> String {
+    let output = run(store, args);
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `mmdebstrap --variant=minbase bookworm`, built once and shared by the tests and runs.
+fn minbase_tarball() -> PathBuf {
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("appliance-cache");
+    std::fs::create_dir_all(&cache).expect("cache dir");
+    let tarball = cache.join("minbase-bookworm.tar");
+    let lock = std::fs::File::create(cache.join("minbase.lock")).expect("lock file");
+    lock.lock().expect("lock");
+    if !tarball.exists() {
+        let partial = cache.join("minbase-bookworm.tar.partial");
+        let status = Command::new("mmdebstrap")
+            .args(["--variant=minbase", "--quiet", "bookworm"])
+            .arg(&partial)
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .status()
+            .expect("mmdebstrap runs (installed by .ci/install-deps)");
+        assert!(status.success(), "mmdebstrap failed");
+        std::fs::rename(&partial, &tarball).expect("rename");
+    }
+    tarball
+}
+
+fn listing(archive: &Path) -> Vec<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/tar_listing.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(archive)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("JSON"))
+        .collect()
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("readdir").flatten() {
+            let meta = entry.metadata().expect("stat");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn a_minbase_root_filesystem_round_trips_with_the_same_listing() {
+    let tarball = minbase_tarball();
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    ok(
+        &store,
+        &[
+            "image",
+            "import",
+            "debian/bookworm",
+            tarball.to_str().expect("utf-8"),
+        ],
+    );
+    let exported = work.path().join("export.tar");
+    ok(
+        &store,
+        &[
+            "image",
+            "export",
+            "debian/bookworm",
+            "-o",
+            exported.to_str().expect("utf-8"),
+        ],
+    );
+    let original = listing(&tarball);
+    let ours = listing(&exported);
+    assert!(
+        original.len() > 5000,
+        "a minbase tree has thousands of entries: {}",
+        original.len()
+    );
+    assert_eq!(original.len(), ours.len());
+    for (a, b) in original.iter().zip(&ours) {
+        assert_eq!(a, b);
+    }
+    // The packages were read from the image's own dpkg status.
+    let show: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &[
+            "image",
+            "show",
+            "debian/bookworm",
+            "--message-format",
+            "json",
+        ],
+    ))
+    .expect("json");
+    let packages = show["packages"].as_array().expect("packages");
+    assert!(
+        packages.iter().any(|p| p["name"] == "base-files"),
+        "{packages:?}"
+    );
+    assert!(packages.len() > 50);
+
+    // Deterministic tar output: two exports are byte-identical.
+    let again = work.path().join("again.tar");
+    ok(
+        &store,
+        &[
+            "image",
+            "export",
+            "debian/bookworm",
+            "-o",
+            again.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(
+        std::fs::read(&exported).expect("read"),
+        std::fs::read(&again).expect("read")
+    );
+}
+
+#[test]
+fn a_second_image_sharing_most_files_stores_only_the_new_ones() {
+    let tarball = minbase_tarball();
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    ok(
+        &store,
+        &[
+            "image",
+            "import",
+            "debian/bookworm",
+            tarball.to_str().expect("utf-8"),
+        ],
+    );
+    let before = dir_size(&store.join("objects"));
+
+    let tree = work.path().join("tree");
+    ok(
+        &store,
+        &[
+            "image",
+            "export",
+            "debian/bookworm",
+            "-o",
+            tree.to_str().expect("utf-8"),
+        ],
+    );
+    let new_content: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::create_dir_all(tree.join("srv/app")).expect("mkdir");
+    std::fs::write(tree.join("srv/app/data.bin"), &new_content).expect("write");
+    std::fs::write(tree.join("etc/motd"), b"a derived image\n").expect("write");
+    ok(
+        &store,
+        &[
+            "image",
+            "import",
+            "web",
+            tree.to_str().expect("utf-8"),
+            "--parent",
+            "debian/bookworm",
+        ],
+    );
+    let after = dir_size(&store.join("objects"));
+    let growth = after - before;
+    let new_bytes = new_content.len() as u64 + 16;
+    assert!(
+        growth >= new_bytes,
+        "grew {growth}, new content is {new_bytes}"
+    );
+    assert!(
+        growth < new_bytes + 64 * 1024,
+        "grew {growth} bytes for {new_bytes} bytes of new content"
+    );
+
+    let tree_output = ok(&store, &["images", "--tree"]);
+    let lines: Vec<&str> = tree_output.lines().collect();
+    assert!(lines[0].starts_with("debian/bookworm@1"), "{tree_output}");
+    assert!(lines[1].starts_with("└── web@1"), "{tree_output}");
+}
+
+#[test]
+fn killing_imports_at_random_moments_never_leaves_a_listed_half_image() {
+    let tarball = minbase_tarball();
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    let tarball_arg = tarball.to_str().expect("utf-8");
+
+    // One full import tells how long the window is and what a complete image looks like.
+    let started = std::time::Instant::now();
+    let probe: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &[
+            "image",
+            "import",
+            "probe",
+            tarball_arg,
+            "--message-format",
+            "json",
+        ],
+    ))
+    .expect("json");
+    let full = started.elapsed();
+    let complete_entries = probe["entry_count"].as_i64().expect("entry count");
+
+    let mut seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    let mut killed = 0;
+    for round in 0..50 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = full.mul_f64((seed % 1000) as f64 / 1000.0 * 1.1);
+        let mut child = binary()
+            .arg("--store")
+            .arg(&store)
+            .args(["image", "import", "victim", tarball_arg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let status = child.wait().expect("wait");
+        if !status.success() {
+            killed += 1;
+        }
+        let fsck = run(&store, &["fsck", "--message-format", "json"]);
+        let report: serde_json::Value = serde_json::from_slice(&fsck.stdout).expect("fsck json");
+        assert!(
+            fsck.status.success(),
+            "round {round} (after {delay:?}): fsck reports {report}"
+        );
+        let images = ok(&store, &["images", "--message-format", "json"]);
+        for line in images.lines() {
+            let image: serde_json::Value = serde_json::from_str(line).expect("json");
+            assert_eq!(
+                image["entry_count"].as_i64(),
+                Some(complete_entries),
+                "round {round}: half image listed: {image}"
+            );
+        }
+    }
+    assert!(
+        killed >= 25,
+        "only {killed} of 50 imports were interrupted; the kills came too late"
+    );
+
+    // The next import succeeds, exports, and gc leaves a clean store.
+    ok(&store, &["image", "import", "after-the-storm", tarball_arg]);
+    ok(
+        &store,
+        &[
+            "image",
+            "export",
+            "after-the-storm",
+            "-o",
+            work.path().join("out.tar").to_str().expect("utf-8"),
+        ],
+    );
+    ok(&store, &["gc"]);
+    let fsck: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["fsck", "--message-format", "json"])).expect("json");
+    assert_eq!(fsck["unreferenced_objects"], 0);
+    assert!(
+        std::fs::read_dir(store.join("staging"))
+            .expect("staging")
+            .next()
+            .is_none()
+    );
+}
+
+#[test]
+fn two_imports_at_once_both_succeed_and_gc_waits_for_them() {
+    let tarball = minbase_tarball();
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    ok(&store, &["images"]);
+    let spawn = |name: &str| {
+        binary()
+            .arg("--store")
+            .arg(&store)
+            .args(["image", "import", name, tarball.to_str().expect("utf-8")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let first = spawn("one");
+    let second = spawn("two");
+    // gc while both run: it must wait for their leases, never delete their objects.
+    std::thread::sleep(Duration::from_millis(200));
+    ok(&store, &["gc"]);
+    for child in [first, second] {
+        let output = child.wait_with_output().expect("wait");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let fsck: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["fsck", "--message-format", "json"])).expect("json");
+    assert_eq!(fsck["missing_objects"], serde_json::json!([]));
+    assert_eq!(fsck["corrupt_objects"], serde_json::json!([]));
+    ok(
+        &store,
+        &[
+            "image",
+            "export",
+            "one",
+            "-o",
+            work.path().join("one.tar").to_str().expect("utf-8"),
+        ],
+    );
+    ok(
+        &store,
+        &[
+            "image",
+            "export",
+            "two",
+            "-o",
+            work.path().join("two.tar").to_str().expect("utf-8"),
+        ],
+    );
+}
+
+#[test]
+fn exporting_to_a_directory_and_importing_it_again_gives_the_same_tree() {
+    let tarball = minbase_tarball();
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    let original: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &[
+            "image",
+            "import",
+            "debian/bookworm",
+            tarball.to_str().expect("utf-8"),
+            "--message-format",
+            "json",
+        ],
+    ))
+    .expect("json");
+    let tree = work.path().join("tree");
+    ok(
+        &store,
+        &[
+            "image",
+            "export",
+            "debian/bookworm",
+            "-o",
+            tree.to_str().expect("utf-8"),
+        ],
+    );
+    let again: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &[
+            "image",
+            "import",
+            "again",
+            tree.to_str().expect("utf-8"),
+            "--message-format",
+            "json",
+        ],
+    ))
+    .expect("json");
+    // Ownership and device nodes only survive a directory when we are root.
+    if rustix_is_root() {
+        assert_eq!(original["tree_digest"], again["tree_digest"]);
+    }
+    assert_eq!(original["entry_count"], again["entry_count"]);
+    // Exporting into a non-empty directory is refused rather than merged.
+    let output = run(
+        &store,
+        &[
+            "image",
+            "export",
+            "again",
+            "-o",
+            tree.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not empty"));
+}
+
+fn rustix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+#[test]
+fn base_create_runs_mmdebstrap_and_records_provenance() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    let created: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &[
+            "base",
+            "create",
+            "debian/bookworm",
+            "--suite",
+            "bookworm",
+            "--variant",
+            "minbase",
+            "--include",
+            "ca-certificates",
+            "--message-format",
+            "json",
+        ],
+    ))
+    .expect("json");
+    let provenance = &created["provenance"];
+    assert_eq!(provenance["suite"], "bookworm");
+    assert_eq!(provenance["variant"], "minbase");
+    assert_eq!(
+        provenance["include"],
+        serde_json::json!(["ca-certificates"])
+    );
+    assert!(
+        provenance["mirror"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty()),
+        "{provenance}"
+    );
+    assert!(
+        provenance["packages"]["ca-certificates"].is_string(),
+        "{provenance}"
+    );
+    assert!(
+        provenance["packages"]["base-files"].is_string(),
+        "{provenance}"
+    );
+
+    let output = run(
+        &store,
+        &[
+            "base",
+            "create",
+            "x",
+            "--suite",
+            "bookworm",
+            "--variant",
+            "huge",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown variant `huge`"));
+}
+
+#[test]
+fn image_references_resolve_by_name_version_and_digest_prefix() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    let source = work.path().join("src");
+    std::fs::create_dir_all(source.join("etc")).expect("mkdir");
+    std::fs::write(source.join("etc/hostname"), "one\n").expect("write");
+    ok(
+        &store,
+        &["image", "import", "demo", source.to_str().expect("utf-8")],
+    );
+    std::fs::write(source.join("etc/hostname"), "two\n").expect("write");
+    ok(
+        &store,
+        &["image", "import", "demo", source.to_str().expect("utf-8")],
+    );
+    ok(
+        &store,
+        &[
+            "image",
+            "import",
+            "demo@10",
+            source.to_str().expect("utf-8"),
+        ],
+    );
+    let newest: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &["image", "show", "demo", "--message-format", "json"],
+    ))
+    .expect("json");
+    assert_eq!(newest["version"], "10");
+    let first: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &["image", "show", "demo@1", "--message-format", "json"],
+    ))
+    .expect("json");
+    let prefix = &first["tree_digest"].as_str().expect("digest")[..10];
+    let by_digest: serde_json::Value = serde_json::from_str(&ok(
+        &store,
+        &["image", "show", prefix, "--message-format", "json"],
+    ))
+    .expect("json");
+    assert_eq!(by_digest["version"], "1");
+    let output = run(&store, &["image", "show", "dmeo"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("did you mean `demo`?"));
+    let output = run(
+        &store,
+        &[
+            "image",
+            "import",
+            "demo@10",
+            source.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("already in the store"));
+    let output = run(
+        &store,
+        &[
+            "image",
+            "import",
+            "Bad;Name",
+            source.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+}

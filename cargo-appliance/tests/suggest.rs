@@ -1,0 +1,228 @@
+//! Suggestions end to end: a history imported into a real store, manifests in a fixture
+//! workspace, the binary's human and JSON output; and the shared corpus' leave-one-out quality.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+fn run(store: &Path, dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cargo-appliance"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("the binary runs")
+}
+
+fn ok(store: &Path, dir: &Path, args: &[&str]) -> Output {
+    let output = run(store, dir, args);
+    assert!(
+        output.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn json_lines(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+fn store_with_fixture_history() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let history = fixtures().join("suggest/history.jsonl");
+    ok(
+        &store,
+        dir.path(),
+        &["history", "import", history.to_str().expect("utf-8")],
+    );
+    (dir, store)
+}
+
+#[test]
+fn suggestions_carry_their_evidence_and_attach_to_the_manifest() {
+    let (_dir, store) = store_with_fixture_history();
+    let workspace = fixtures().join("suggest");
+    let json = ok(&store, &workspace, &["suggest", "--message-format", "json"]);
+    let messages = json_lines(&json);
+    let web: Vec<&serde_json::Value> = messages
+        .iter()
+        .filter(|m| m["appliance"] == "web")
+        .collect();
+    let first = web.first().expect("web has suggestions");
+    assert_eq!(first["kind"], "package-added");
+    assert_eq!(first["subject"], "ca-certificates");
+    assert_eq!(first["rank"], 1);
+    assert_eq!(first["level"], "help");
+    assert_eq!(
+        (first["scope_with"].as_i64(), first["scope_total"].as_i64()),
+        (Some(30), Some(40))
+    );
+    assert_eq!(first["given"], "package-added:nginx");
+    assert_eq!(
+        (first["given_with"].as_i64(), first["given_total"].as_i64()),
+        (Some(27), Some(29))
+    );
+    assert_eq!(first["line"], 4, "attached to the packages node");
+    assert!(
+        first["help"].as_str().expect("help").starts_with(
+            "30 of 40 images derived from debian/bookworm also install ca-certificates (27 of 29 that install nginx)"
+        ),
+        "{first}"
+    );
+    let ranks: Vec<i64> = web.iter().filter_map(|m| m["rank"].as_i64()).collect();
+    assert_eq!(ranks, (1..=ranks.len() as i64).collect::<Vec<_>>());
+
+    // `quiet` ignores ca-certificates and asks for one suggestion.
+    let quiet: Vec<&serde_json::Value> = messages
+        .iter()
+        .filter(|m| m["appliance"] == "quiet")
+        .collect();
+    assert_eq!(quiet.len(), 1);
+    assert_ne!(quiet[0]["subject"], "ca-certificates");
+
+    let human = ok(
+        &store,
+        &workspace,
+        &["suggest", "-a", "web", "--limit", "3"],
+    );
+    let text = String::from_utf8_lossy(&human.stderr).into_owned();
+    insta::assert_snapshot!("suggest_web_human", text);
+    let json = ok(
+        &store,
+        &workspace,
+        &[
+            "suggest",
+            "-a",
+            "web",
+            "--limit",
+            "3",
+            "--message-format",
+            "json",
+        ],
+    );
+    insta::assert_snapshot!("suggest_web_json", String::from_utf8_lossy(&json.stdout));
+
+    // Thresholds are flags.
+    let strict = ok(
+        &store,
+        &workspace,
+        &[
+            "suggest",
+            "-a",
+            "web",
+            "--min-confidence",
+            "0.95",
+            "--message-format",
+            "json",
+        ],
+    );
+    for message in json_lines(&strict) {
+        assert!(
+            message["confidence"].as_f64().expect("confidence") >= 0.95,
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn check_prints_suggestions_without_failing() {
+    let (_dir, store) = store_with_fixture_history();
+    let output = ok(
+        &store,
+        &fixtures().join("suggest"),
+        &["check", "--message-format", "json"],
+    );
+    let messages = json_lines(&output);
+    assert!(
+        messages
+            .iter()
+            .any(|m| m["code"] == "appliance::suggestion")
+    );
+    let finished = messages
+        .iter()
+        .find(|m| m["reason"] == "check-finished")
+        .expect("finished");
+    assert_eq!(finished["success"], true);
+}
+
+#[test]
+fn history_round_trips_through_parquet_and_json_lines() {
+    let (dir, store) = store_with_fixture_history();
+    let parquet = dir.path().join("history.parquet");
+    let jsonl = dir.path().join("history.jsonl");
+    ok(
+        &store,
+        dir.path(),
+        &["history", "export", parquet.to_str().expect("utf-8")],
+    );
+    ok(
+        &store,
+        dir.path(),
+        &["history", "export", jsonl.to_str().expect("utf-8")],
+    );
+    let second = dir.path().join("second");
+    ok(
+        &second,
+        dir.path(),
+        &["history", "import", parquet.to_str().expect("utf-8")],
+    );
+    let again = dir.path().join("again.jsonl");
+    ok(
+        &second,
+        dir.path(),
+        &["history", "export", again.to_str().expect("utf-8")],
+    );
+    let first = std::fs::read_to_string(&jsonl).expect("read");
+    assert_eq!(first.lines().count(), 40);
+    assert_eq!(first, std::fs::read_to_string(&again).expect("read"));
+}
+
+#[test]
+fn on_the_shared_corpus_suggestions_beat_popularity_by_half_again() {
+    let corpus = fixtures().join("../../shared/corpus/derivations.jsonl.zst");
+    assert!(
+        corpus.exists(),
+        "the shared corpus is at {}",
+        corpus.display()
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let imported = ok(
+        &store,
+        dir.path(),
+        &[
+            "history",
+            "import",
+            corpus.to_str().expect("utf-8"),
+            "--message-format",
+            "json",
+        ],
+    );
+    assert_eq!(json_lines(&imported)[0]["imported"], 21682);
+    let evaluation = ok(
+        &store,
+        dir.path(),
+        &["history", "evaluate", "--message-format", "json"],
+    );
+    let result = &json_lines(&evaluation)[0];
+    let ours = result["recall_at_5"].as_f64().expect("recall");
+    let baseline = result["baseline_recall_at_5"].as_f64().expect("recall");
+    eprintln!("corpus evaluation: {result}");
+    assert!(result["cases"].as_u64().expect("cases") > 5000, "{result}");
+    assert!(
+        ours >= 1.5 * baseline,
+        "recall@5 {ours:.3} is not 1.5x the baseline {baseline:.3}"
+    );
+}
