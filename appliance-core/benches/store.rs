@@ -24,7 +24,7 @@ fn tarball() -> PathBuf {
     std::fs::create_dir_all(&cache).expect("cache dir");
     let path = cache.join("minbase-bookworm.tar");
     if !path.exists() {
-        let partial = cache.join("minbase-bookworm.tar.partial");
+        let partial = cache.join("minbase-bookworm.partial.tar");
         let status = Command::new("mmdebstrap")
             .args(["--variant=minbase", "--quiet", "bookworm"])
             .arg(&partial)

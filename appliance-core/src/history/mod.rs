@@ -176,23 +176,42 @@ pub fn read_file(conn: &Connection, path: &Path) -> anyhow::Result<Vec<Derivatio
 }
 
 fn read_parquet(conn: &Connection, path: &Path) -> anyhow::Result<Vec<Derivation>> {
+    // Numbered rows, then their changes unnested: no JSON extension needed (the bundled
+    // DuckDB has none, and must never try to download one).
+    let source = format!(
+        "(SELECT file_row_number + 1 AS row, parent, child, changes FROM read_parquet('{}', file_row_number = true))",
+        path.to_string_lossy().replace('\'', "''")
+    );
+    let mut derivations: Vec<Derivation> = Vec::new();
     let mut statement =
-        conn.prepare("SELECT parent, child, to_json(changes)::VARCHAR FROM read_parquet(?)")?;
-    let rows = statement.query_map(params![path.to_string_lossy()], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-        ))
-    })?;
-    let mut derivations = Vec::new();
-    for row in rows {
-        let (parent, child, changes) = row?;
+        conn.prepare(&format!("SELECT parent, child FROM {source} ORDER BY row"))?;
+    for row in statement.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })? {
+        let (parent, child) = row.with_context(|| format!("reading {}", path.display()))?;
         derivations.push(Derivation {
             parent,
             child,
-            changes: serde_json::from_str(&changes).context("changes column")?,
+            changes: Vec::new(),
         });
+    }
+    let mut statement = conn.prepare(&format!(
+        "SELECT row, change.kind, change.subject FROM (SELECT row, unnest(changes) AS change FROM {source}) ORDER BY row"
+    ))?;
+    for row in statement.query_map([], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+        ))
+    })? {
+        let (number, kind, subject) = row?;
+        if let Some(derivation) = usize::try_from(number - 1)
+            .ok()
+            .and_then(|i| derivations.get_mut(i))
+        {
+            derivation.changes.push(Change { kind, subject });
+        }
     }
     Ok(derivations)
 }

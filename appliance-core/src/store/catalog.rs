@@ -102,6 +102,11 @@ impl Catalog {
             .context("configuring DuckDB")?;
         let conn = Connection::open_with_flags(path, config)
             .with_context(|| format!("opening the catalog {}", path.display()))?;
+        // Never reach for the network: extensions are compiled in or absent.
+        conn.execute_batch(
+            "SET autoinstall_known_extensions = false; SET autoload_known_extensions = false;",
+        )
+        .context("configuring DuckDB")?;
         let catalog = Self { conn };
         if !read_only {
             catalog

@@ -274,7 +274,6 @@ pub fn export_directory(
                 io::copy(&mut objects.open(digest)?, &mut file).with_context(context)?;
                 let fd = OwnedFd::from(file);
                 set_metadata(&fd, None, entry, privileged).with_context(context)?;
-                let _ = mode;
             }
             EntryKind::Symlink => {
                 let target = entry.link_target.as_deref().unwrap_or_default();
@@ -324,6 +323,8 @@ pub fn export_directory(
                     rustix::fs::makedev(major, minor),
                 )
                 .with_context(context)?;
+                // mknod applies the umask; the node must have exactly the recorded mode.
+                rustix::fs::chmodat(dir, name, mode, AtFlags::empty()).with_context(context)?;
                 let fd = rustix::fs::openat(
                     dir,
                     name,
