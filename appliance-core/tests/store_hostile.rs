@@ -113,13 +113,18 @@ fn raw_entry(name: &[u8], flag: u8, link: &[u8], data: &[u8]) -> Vec<u8> {
     header[157..157 + link.len().min(100)].copy_from_slice(&link[..link.len().min(100)]);
     header[257..263].copy_from_slice(b"ustar\0");
     header[263..265].copy_from_slice(b"00");
-    header[148..156].copy_from_slice(b"        ");
-    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
-    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    set_checksum(&mut header);
     let mut out = header.to_vec();
     out.extend_from_slice(data);
     out.resize(out.len().div_ceil(512) * 512, 0);
     out
+}
+
+/// Recompute a ustar header's checksum after editing its fields.
+fn set_checksum(header: &mut [u8]) {
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header[..512].iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
 }
 
 fn file(name: &str, data: &[u8]) -> Vec<u8> {
@@ -223,10 +228,7 @@ fn item_06_a_directory_replaces_a_symlink_without_touching_its_target() {
     let outside = fx.root.join("outside/dir");
     let mut d = dir("d");
     d[100..108].copy_from_slice(b"0000777\0");
-    // Recompute the checksum after editing the mode.
-    d[148..156].copy_from_slice(b"        ");
-    let sum: u32 = d[..512].iter().map(|&b| u32::from(b)).sum();
-    d[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    set_checksum(&mut d);
     fx.import(
         "d",
         &tar(&[symlink("d", outside.to_str().expect("utf-8")), d]),
@@ -320,9 +322,7 @@ fn item_13_device_nodes_are_recorded_not_created() {
     let mut null = raw_entry(b"dev/null", b'3', b"", b"");
     null[329..337].copy_from_slice(b"0000001\0");
     null[337..345].copy_from_slice(b"0000003\0");
-    null[148..156].copy_from_slice(b"        ");
-    let sum: u32 = null[..512].iter().map(|&b| u32::from(b)).sum();
-    null[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    set_checksum(&mut null);
     fx.import("dev", &tar(&[null, raw_entry(b"run/fifo", b'6', b"", b"")]))
         .expect("imports");
     let entries = fx.entries("dev");
@@ -525,9 +525,7 @@ fn item_20_decompression_bombs_stop_at_the_ratio_limit() {
         let size: u64 = 1 << 30;
         let mut header = raw_entry(b"zeros", b'0', b"", b"");
         header[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-        header[148..156].copy_from_slice(b"        ");
-        let sum: u32 = header[..512].iter().map(|&b| u32::from(b)).sum();
-        header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        set_checksum(&mut header);
         encoder.write_all(&header).expect("write");
         let zeros = vec![0u8; 1 << 20];
         for _ in 0..1024 {
@@ -573,9 +571,7 @@ fn item_22_23_huge_metadata_and_sparse_entries_are_rejected() {
     let fx = Fixture::new();
     let mut long = raw_entry(b"././@LongLink", b'L', b"", b"");
     long[124..136].copy_from_slice(format!("{:011o}\0", 4u64 << 30).as_bytes());
-    long[148..156].copy_from_slice(b"        ");
-    let sum: u32 = long[..512].iter().map(|&b| u32::from(b)).sum();
-    long[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    set_checksum(&mut long);
     let message = error_text(fx.import("long", &long));
     assert!(message.contains("limit"), "{message}");
     let message = error_text(fx.import("sparse", &tar(&[raw_entry(b"sparse", b'S', b"", b"")])));

@@ -49,14 +49,18 @@ pub struct LockGuard {
     _file: File,
 }
 
-fn lock(path: &Path, exclusive: bool) -> anyhow::Result<LockGuard> {
-    let file = fs_err::OpenOptions::new()
+fn open_lock_file(path: &Path) -> anyhow::Result<File> {
+    Ok(fs_err::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)?
         .into_parts()
-        .0;
+        .0)
+}
+
+fn lock(path: &Path, exclusive: bool) -> anyhow::Result<LockGuard> {
+    let file = open_lock_file(path)?;
     let operation = if exclusive {
         rustix::fs::FlockOperation::LockExclusive
     } else {
@@ -67,13 +71,7 @@ fn lock(path: &Path, exclusive: bool) -> anyhow::Result<LockGuard> {
 }
 
 fn try_lock_exclusive(path: &Path) -> anyhow::Result<Option<LockGuard>> {
-    let file = fs_err::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?
-        .into_parts()
-        .0;
+    let file = open_lock_file(path)?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(Some(LockGuard { _file: file })),
         Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
