@@ -570,3 +570,74 @@ fn image_references_resolve_by_name_version_and_digest_prefix() {
     );
     assert_eq!(output.status.code(), Some(1));
 }
+
+#[test]
+fn derived_imports_record_their_changes_and_history_follows_the_images() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    let base = work.path().join("base");
+    std::fs::create_dir_all(base.join("etc")).expect("mkdir");
+    std::fs::write(base.join("etc/hostname"), "debian\n").expect("write");
+    std::fs::write(base.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("write");
+    ok(
+        &store,
+        &["image", "import", "base", base.to_str().expect("utf-8")],
+    );
+    let child = work.path().join("child");
+    std::fs::create_dir_all(child.join("etc/systemd/system/multi-user.target.wants"))
+        .expect("mkdir");
+    std::fs::create_dir_all(child.join("srv")).expect("mkdir");
+    std::fs::write(child.join("etc/hostname"), "web\n").expect("write");
+    std::fs::write(
+        child.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napi:x:999:999::/var/lib/api:/usr/sbin/nologin\n",
+    )
+    .expect("write");
+    std::fs::write(child.join("srv/index.html"), "<h1>hi</h1>\n").expect("write");
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/api.service",
+        child.join("etc/systemd/system/multi-user.target.wants/api.service"),
+    )
+    .expect("symlink");
+    ok(
+        &store,
+        &[
+            "image",
+            "import",
+            "web",
+            child.to_str().expect("utf-8"),
+            "--parent",
+            "base",
+        ],
+    );
+
+    let expected = serde_json::json!({
+        "parent": "base",
+        "child": "web@1",
+        "changes": [
+            {"kind": "file-added", "subject": "/srv/index.html"},
+            {"kind": "hostname", "subject": "web"},
+            {"kind": "service-enabled", "subject": "api.service"},
+            {"kind": "user-added", "subject": "api"},
+        ],
+    });
+    let export = |name: &str| -> Vec<serde_json::Value> {
+        let path = work.path().join(name);
+        ok(
+            &store,
+            &["history", "export", path.to_str().expect("utf-8")],
+        );
+        std::fs::read_to_string(&path)
+            .expect("read")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    };
+    assert_eq!(export("recorded.jsonl"), vec![expected.clone()]);
+    ok(&store, &["history", "rebuild"]);
+    assert_eq!(export("rebuilt.jsonl"), vec![expected]);
+    let diff = ok(&store, &["diff", "base", "web", "--message-format", "json"]);
+    assert_eq!(diff.lines().count(), 4, "{diff}");
+    ok(&store, &["image", "rm", "web"]);
+    assert!(export("after-rm.jsonl").is_empty());
+}
