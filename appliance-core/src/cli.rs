@@ -316,17 +316,32 @@ fn suggestions_for(
     }
 }
 
+/// Run the checks; when there is no workspace, say so as a diagnostic (for `check` and
+/// `suggest` alike) and return `None`.
+fn check_or_report(
+    global: &GlobalArgs,
+    options: &CheckOptions,
+) -> Option<crate::check::CheckReport> {
+    match check(options) {
+        Ok(report) => Some(report),
+        Err(error) => {
+            let mut diagnostic = Diagnostic::error("appliance::no-workspace", error.to_string());
+            if let Some(source) = std::error::Error::source(&error) {
+                diagnostic = diagnostic.help(source.to_string().trim().to_owned());
+            }
+            emit(global, std::slice::from_ref(&diagnostic));
+            None
+        }
+    }
+}
+
 fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
     let options = CheckOptions {
         manifest_path: global.manifest_path.clone(),
         appliances: args.appliances.clone(),
     };
-    let report = match check(&options) {
-        Ok(report) => report,
-        Err(error) => {
-            report_error(global, &anyhow::Error::new(error));
-            return ExitCode::FAILURE;
-        }
+    let Some(report) = check_or_report(global, &options) else {
+        return ExitCode::FAILURE;
     };
     let errors: Vec<Diagnostic> = report
         .diagnostics
@@ -376,16 +391,8 @@ fn run_check(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {
         manifest_path: global.manifest_path.clone(),
         appliances: args.appliances.clone(),
     };
-    let report = match check(&options) {
-        Ok(report) => report,
-        Err(error) => {
-            let mut diagnostic = Diagnostic::error("appliance::no-workspace", error.to_string());
-            if let Some(source) = std::error::Error::source(&error) {
-                diagnostic = diagnostic.help(source.to_string().trim().to_owned());
-            }
-            emit(global, std::slice::from_ref(&diagnostic));
-            return ExitCode::FAILURE;
-        }
+    let Some(report) = check_or_report(global, &options) else {
+        return ExitCode::FAILURE;
     };
     let mut diagnostics = report.diagnostics.clone();
     if !report.has_errors() {

@@ -238,7 +238,7 @@ pub fn export_directory(
         let (parent, name) = split(path);
         let context = || format!("exporting {path}");
         if path.is_empty() {
-            set_metadata(&root, None, entry, privileged).with_context(context)?;
+            // The root's mode, owner and mtime are set last, after its children.
             report.entries += 1;
             continue;
         }
@@ -273,7 +273,7 @@ pub fn export_directory(
                 let mut file = std::fs::File::from(fd);
                 io::copy(&mut objects.open(digest)?, &mut file).with_context(context)?;
                 let fd = OwnedFd::from(file);
-                set_metadata(&fd, None, entry, privileged).with_context(context)?;
+                set_metadata(&fd, entry, privileged).with_context(context)?;
             }
             EntryKind::Symlink => {
                 let target = entry.link_target.as_deref().unwrap_or_default();
@@ -357,12 +357,11 @@ pub fn export_directory(
     for (path, entry) in tree.entries().iter().rev() {
         if entry.kind == EntryKind::Dir && !path.is_empty() {
             let fd = open_in_root(&root, path)?;
-            set_metadata(&fd, None, entry, privileged)
-                .with_context(|| format!("exporting {path}"))?;
+            set_metadata(&fd, entry, privileged).with_context(|| format!("exporting {path}"))?;
         }
     }
     if let Some(entry) = tree.get("") {
-        set_metadata(&root, None, entry, privileged)?;
+        set_metadata(&root, entry, privileged)?;
     }
     Ok(report)
 }
@@ -382,7 +381,6 @@ fn timestamps(mtime: i64) -> Timestamps {
 /// is set after the owner, because chown clears setuid bits.
 fn set_metadata(
     fd: &impl AsFd,
-    _name: Option<&str>,
     entry: &super::tree::Entry,
     privileged: bool,
 ) -> anyhow::Result<()> {

@@ -70,15 +70,6 @@ fn lock(path: &Path, exclusive: bool) -> anyhow::Result<LockGuard> {
     Ok(LockGuard { _file: file })
 }
 
-fn try_lock_exclusive(path: &Path) -> anyhow::Result<Option<LockGuard>> {
-    let file = open_lock_file(path)?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(Some(LockGuard { _file: file })),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
-    }
-}
-
 /// The default store: `$XDG_DATA_HOME/cargo-appliance/store`, or `~/.local/share/…`.
 pub fn default_store_dir() -> anyhow::Result<PathBuf> {
     if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
@@ -601,11 +592,6 @@ impl Store {
             }
         }
         Ok(report)
-    }
-
-    /// Whether gc could run now (no import holds a lease); for tests and status output.
-    pub fn gc_would_wait(&self) -> anyhow::Result<bool> {
-        Ok(try_lock_exclusive(&self.root.join("gc.lock"))?.is_none())
     }
 }
 
