@@ -79,6 +79,10 @@ pub enum ColorChoice {
 pub enum Command {
     /// Validate manifests and what they name in the workspace, without building
     Check(CheckArgs),
+    /// Build the appliances: base, packages, files and binaries, configuration, outputs
+    Build(BuildArgs),
+    /// Re-resolve bases to the newest stored images and drop package pins in Appliance.lock
+    Update(CheckArgs),
     /// List the images in the store
     Images(ImagesArgs),
     /// Import, export, show or remove one stored image
@@ -208,6 +212,19 @@ pub struct CheckArgs {
     pub appliances: Vec<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Build only this appliance (and those it derives from); repeatable
+    #[arg(short = 'a', long = "appliance", value_name = "NAME")]
+    pub appliances: Vec<String>,
+    /// Fail if Appliance.lock would change
+    #[arg(long)]
+    pub locked: bool,
+    /// Use only what the store and Cargo have cached; no network
+    #[arg(long)]
+    pub offline: bool,
+}
+
 /// Entry point for the binary: parse arguments, run, print, return the exit code.
 pub fn main() -> ExitCode {
     // Cargo runs `cargo-appliance appliance <args>`; run directly, there is no `appliance`.
@@ -223,6 +240,8 @@ pub fn run(cli: &Cli) -> ExitCode {
     match &cli.command {
         Command::Check(args) => run_check(&cli.global, args),
         Command::Suggest(args) => run_suggest(&cli.global, args),
+        Command::Build(args) => run_build(&cli.global, args),
+        Command::Update(args) => run_update(&cli.global, args),
         command => match crate::commands::run_store_command(&cli.global, command) {
             Ok(code) => code,
             Err(error) => {
@@ -430,6 +449,128 @@ fn run_check(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
+    let options = CheckOptions {
+        manifest_path: global.manifest_path.clone(),
+        appliances: args.appliances.clone(),
+    };
+    let Some(report) = check_or_report(global, &options) else {
+        return ExitCode::FAILURE;
+    };
+    emit(global, &report.diagnostics);
+    if report.has_errors() {
+        return ExitCode::FAILURE;
+    }
+    let store = match crate::commands::open_store(global) {
+        Ok(store) => store,
+        Err(error) => {
+            report_error(global, &error);
+            return ExitCode::FAILURE;
+        }
+    };
+    let reporter = if global.message_format == MessageFormat::Json {
+        crate::build::progress::Reporter::silent()
+    } else {
+        crate::build::progress::Reporter::new(global.quiet, global.verbose > 0)
+    };
+    let started = std::time::Instant::now();
+    let build_options = crate::build::BuildOptions {
+        locked: args.locked,
+        offline: args.offline,
+    };
+    match crate::build::build(&report, &store, &build_options, &reporter) {
+        Ok(built) => {
+            let suggestions = suggestions_for(
+                global,
+                &report,
+                &SuggestOptions {
+                    limit: 3,
+                    ..SuggestOptions::default()
+                },
+            );
+            emit(global, &suggestions);
+            for done in &built {
+                match global.message_format {
+                    MessageFormat::Json => {
+                        let message = serde_json::json!({
+                            "reason": "appliance-built",
+                            "appliance": done.appliance,
+                            "image": done.image.reference(),
+                            "tree_digest": done.image.tree_digest,
+                            "fresh": done.fresh,
+                            "outputs": done.outputs,
+                            "seconds": done.elapsed.as_secs_f64(),
+                        });
+                        let _ = writeln!(std::io::stdout().lock(), "{message}");
+                    }
+                    MessageFormat::Human => reporter.status(
+                        if done.fresh { "Fresh" } else { "Built" },
+                        &format!(
+                            "{} → {} [{}]{}",
+                            done.appliance,
+                            done.image.reference(),
+                            crate::build::short(&done.image.tree_digest),
+                            done.outputs
+                                .iter()
+                                .map(|p| format!(", {}", report.workspace.display_path(p)))
+                                .collect::<String>()
+                        ),
+                    ),
+                }
+            }
+            if global.message_format == MessageFormat::Human {
+                reporter.status(
+                    "Finished",
+                    &format!(
+                        "{} in {:.2}s",
+                        plural(built.len(), "appliance"),
+                        started.elapsed().as_secs_f64()
+                    ),
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(crate::build::BuildError::Diagnostics(diagnostics)) => {
+            emit(global, &diagnostics);
+            if global.message_format == MessageFormat::Human && !global.quiet {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "error: build failed; the store and the previous outputs are unchanged"
+                );
+            }
+            ExitCode::FAILURE
+        }
+        Err(crate::build::BuildError::Other(error)) => {
+            report_error(global, &error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_update(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {
+    let options = CheckOptions {
+        manifest_path: global.manifest_path.clone(),
+        appliances: args.appliances.clone(),
+    };
+    let Some(report) = check_or_report(global, &options) else {
+        return ExitCode::FAILURE;
+    };
+    if report.has_errors() {
+        emit(global, &report.diagnostics);
+        return ExitCode::FAILURE;
+    }
+    let reporter = crate::build::progress::Reporter::new(global.quiet, global.verbose > 0);
+    match crate::commands::open_store(global)
+        .and_then(|store| crate::build::update(&report, &store, &reporter))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            report_error(global, &error);
+            ExitCode::FAILURE
+        }
     }
 }
 

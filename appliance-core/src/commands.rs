@@ -55,7 +55,9 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
     let store = open_store(global)?;
     let json = global.message_format == MessageFormat::Json;
     match command {
-        Command::Check(_) => unreachable!("check is dispatched by cli::run"),
+        Command::Check(_) | Command::Build(_) | Command::Update(_) => {
+            unreachable!("dispatched by cli::run")
+        }
         Command::Images(args) => {
             let images = store.list()?;
             if json {

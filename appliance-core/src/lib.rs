@@ -2,10 +2,11 @@
 //!
 //! One module per part of the design (see ARCHITECTURE.md): [`manifest`] reads and
 //! validates manifests, [`workspace`] connects them to the Cargo workspace, [`check`] runs
-//! both over a workspace, [`store`] holds images, [`packages`] knows Debian, [`process`]
+//! both over a workspace, [`build`] turns manifests into stored images and outputs, [`store`] holds images, [`packages`] knows Debian, [`process`]
 //! runs external programs, [`diagnostics`] renders problems, [`cli`] and [`commands`] are
 //! the command line.
 
+pub mod build;
 pub mod check;
 pub mod cli;
 pub mod commands;

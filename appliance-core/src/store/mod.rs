@@ -100,6 +100,16 @@ impl std::ops::DerefMut for LockedCatalog {
     }
 }
 
+/// A tree about to become an image.
+#[derive(Debug, Clone)]
+pub struct NewTree {
+    pub name: String,
+    /// `None`: the next free major version of `name`.
+    pub version: Option<String>,
+    pub parent: Option<i64>,
+    pub provenance: serde_json::Value,
+}
+
 /// What `images --tree` and `image show` print.
 #[derive(Debug, Serialize)]
 pub struct ImageDetails {
@@ -258,7 +268,7 @@ impl Store {
     ) -> anyhow::Result<ImageRecord> {
         let (name, version) = parse_new_reference(reference)?;
         // Hold off gc for as long as this import has staged or unreferenced objects.
-        let _lease = lock(&self.root.join("gc.lock"), false)?;
+        let _lease = self.gc_lease()?;
         let parent_id = match parent {
             Some(parent) => {
                 let catalog = self.read_catalog()?;
@@ -266,18 +276,11 @@ impl Store {
             }
             None => None,
         };
-        let staging_dir = self.root.join("staging").join(format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        let mut staging = Staging::new(staging_dir.clone(), self.objects())?;
+        let mut staging = self.staging()?;
         let imported = match import::import_path(source, &mut staging, limits) {
             Ok(imported) => imported,
             Err(error) => {
-                let _ = fs_err::remove_dir_all(&staging_dir);
+                staging.discard();
                 return Err(error.context(format!(
                     "importing {} from {}",
                     reference,
@@ -285,40 +288,96 @@ impl Store {
                 )));
             }
         };
-        staging.commit()?;
-        let packages = imported
-            .dpkg_status
-            .as_deref()
-            .map(|status| parse_status(&String::from_utf8_lossy(status)))
-            .unwrap_or_default();
         let mut provenance = provenance;
         if let Some(object) = provenance.as_object_mut() {
             object.insert("format".into(), imported.format.into());
-            if !packages.is_empty() {
-                let versions: BTreeMap<&str, &str> = packages
-                    .iter()
-                    .map(|p| (p.name.as_str(), p.version.as_str()))
-                    .collect();
-                object.insert("packages".into(), serde_json::json!(versions));
-            }
         }
+        self.commit_tree(
+            &NewTree {
+                name,
+                version,
+                parent: parent_id,
+                provenance,
+            },
+            &imported.tree,
+            staging,
+            imported.dpkg_status.as_deref(),
+        )
+    }
+
+    /// A shared lease on the store's objects: `gc` waits until it is dropped. Hold it from
+    /// the first staged object until the catalog names every object the work will use.
+    pub fn gc_lease(&self) -> anyhow::Result<LockGuard> {
+        lock(&self.root.join("gc.lock"), false)
+    }
+
+    /// A staging area for new objects (removed by `gc` if this process dies).
+    pub fn staging(&self) -> anyhow::Result<Staging> {
+        let staging_dir = self.root.join("staging").join(format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        Staging::new(staging_dir, self.objects())
+    }
+
+    /// Make the staged objects durable, then insert the tree as an image in one catalog
+    /// transaction and record its derivation from the parent. `dpkg_status` is the content
+    /// of the tree's `/var/lib/dpkg/status`, when the caller has it at hand; otherwise it is
+    /// read from the objects.
+    pub fn commit_tree(
+        &self,
+        new: &NewTree,
+        tree: &Tree,
+        staging: Staging,
+        dpkg_status: Option<&[u8]>,
+    ) -> anyhow::Result<ImageRecord> {
+        staging.commit()?;
+        let status_from_objects;
+        let dpkg_status = match dpkg_status {
+            Some(status) => Some(status),
+            None => {
+                status_from_objects = tree
+                    .get(crate::packages::dpkg::STATUS_PATH)
+                    .and_then(|entry| entry.digest.as_deref())
+                    .map(|digest| self.objects().read(digest))
+                    .transpose()?;
+                status_from_objects.as_deref()
+            }
+        };
+        let packages = dpkg_status
+            .map(|status| parse_status(&String::from_utf8_lossy(status)))
+            .unwrap_or_default();
+        let mut provenance = new.provenance.clone();
+        if let Some(object) = provenance.as_object_mut()
+            && !packages.is_empty()
+        {
+            let versions: BTreeMap<&str, &str> = packages
+                .iter()
+                .map(|p| (p.name.as_str(), p.version.as_str()))
+                .collect();
+            object.insert("packages".into(), serde_json::json!(versions));
+        }
+        let name = new.name.clone();
         let mut catalog = self.write_catalog()?;
         let images = catalog.images()?;
-        if let Some(parent_id) = parent_id {
+        if let Some(parent_id) = new.parent {
             anyhow::ensure!(
                 images.iter().any(|i| i.id == parent_id),
                 "the parent image was removed while importing"
             );
         }
-        let version = match version {
+        let version = match &new.version {
             Some(version) => {
                 anyhow::ensure!(
                     !images
                         .iter()
-                        .any(|i| i.name == name && i.version == version),
+                        .any(|i| i.name == name && &i.version == version),
                     "{name}@{version} is already in the store"
                 );
-                version
+                version.clone()
             }
             None => next_version(&images, &name),
         };
@@ -326,13 +385,13 @@ impl Store {
             &NewImage {
                 name,
                 version,
-                parent: parent_id,
+                parent: new.parent,
                 provenance,
             },
-            &imported.tree,
+            tree,
             &packages,
         )?;
-        if let Some(parent) = parent_id.and_then(|p| images.iter().find(|i| i.id == p)) {
+        if let Some(parent) = new.parent.and_then(|p| images.iter().find(|i| i.id == p)) {
             self.record_derivation(&mut catalog, parent, &record)
                 .context(
                     "recording the derivation (the image is stored; `history rebuild` retries)",
@@ -595,7 +654,8 @@ impl Store {
     }
 }
 
-fn version_key(version: &str) -> Version {
+/// How versions sort: numerically by dotted components.
+pub fn version_key(version: &str) -> Version {
     Version::parse(version).unwrap_or(Version(Vec::new()))
 }
 

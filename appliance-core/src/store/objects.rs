@@ -172,6 +172,25 @@ impl Staging {
         Ok((digest, size))
     }
 
+    /// Content staged by this import and not yet committed, by digest.
+    pub fn staged(&self, digest: &str) -> Option<&Path> {
+        self.pending
+            .iter()
+            .find(|(d, _)| d == digest)
+            .map(|(_, path)| path.as_path())
+    }
+
+    /// Drop what was staged (the work failed); `gc` would remove it too.
+    pub fn discard(self) {
+        let _ = fs_err::remove_dir_all(&self.dir);
+    }
+
+    /// Where new content is staged: on the store's filesystem, so a tree materialized for
+    /// work (an apt run) can live next to it.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Make every staged object durable under its final name. Call before committing the
     /// catalog rows that reference them.
     pub fn commit(self) -> anyhow::Result<()> {

@@ -1,0 +1,1141 @@
+//! `cargo appliance build`: the step graph base → packages → files, binaries and
+//! configuration → outputs. Each step's key hashes its inputs; a stored image with the key is
+//! reused, so a no-op build only checks. Only the package step (and `run` scripts) need a
+//! materialized tree; files and configuration are edits of the stored tree.
+
+pub mod accounts;
+pub mod cargo;
+pub mod edit;
+pub mod files;
+pub mod lockfile;
+pub mod packages_step;
+pub mod progress;
+pub mod systemd;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+use crate::check::CheckReport;
+use crate::diagnostics::{Diagnostic, SourceFile, Span};
+use crate::manifest::Manifest;
+use crate::manifest::model::{Appliance, BaseRef};
+use crate::store::tree::hex;
+use crate::store::{ImageRecord, NewTree, Store};
+
+use edit::TreeEditor;
+use files::{CopyKind, Fingerprints};
+use lockfile::{LockFile, LockedAppliance, LockedImage, LockedPackages};
+use packages_step::{PackageFailure, PackageWish, Plan};
+use progress::Reporter;
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Fail instead of changing `Appliance.lock`.
+    pub locked: bool,
+    /// Use only what the store and Cargo have cached.
+    pub offline: bool,
+}
+
+/// One appliance built (or found up to date).
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub appliance: String,
+    pub image: ImageRecord,
+    /// Nothing had to be done: every step's key was stored.
+    pub fresh: bool,
+    pub outputs: Vec<PathBuf>,
+    pub elapsed: Duration,
+}
+
+/// A failed build: diagnostics that point into the manifests, or another error.
+#[derive(Debug)]
+pub enum BuildError {
+    Diagnostics(Vec<Diagnostic>),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for BuildError {
+    fn from(error: anyhow::Error) -> Self {
+        BuildError::Other(error)
+    }
+}
+
+impl From<std::io::Error> for BuildError {
+    fn from(error: std::io::Error) -> Self {
+        BuildError::Other(error.into())
+    }
+}
+
+impl From<Diagnostic> for BuildError {
+    fn from(diagnostic: Diagnostic) -> Self {
+        BuildError::Diagnostics(vec![diagnostic])
+    }
+}
+
+/// Where an appliance came from, for diagnostics.
+struct Site<'a> {
+    manifest: &'a Manifest,
+    appliance: &'a Appliance,
+}
+
+impl Site<'_> {
+    fn file(&self) -> &Arc<SourceFile> {
+        &self.manifest.source
+    }
+
+    fn error(&self, code: &'static str, message: impl Into<String>, span: Span) -> Diagnostic {
+        Diagnostic::error(code, message)
+            .at(self.file(), span)
+            .for_appliance(&self.appliance.name.value)
+    }
+}
+
+/// Build the checked appliances of `report` (which must be free of errors), bases first.
+pub fn build(
+    report: &CheckReport,
+    store: &Store,
+    options: &BuildOptions,
+    reporter: &Reporter,
+) -> Result<Vec<Built>, BuildError> {
+    let workspace = &report.workspace;
+    let lock_path = lockfile::path(&workspace.root);
+    let old_lock = LockFile::read(&lock_path)?;
+    if options.locked && old_lock.is_none() {
+        return Err(anyhow::anyhow!(
+            "--locked: {} does not exist; build once without --locked to create it",
+            lock_path.display()
+        )
+        .into());
+    }
+    let old_lock = old_lock.unwrap_or_default();
+    let mut new_lock = old_lock.clone();
+    // A build holds off gc from its first staged object to its last catalog row.
+    let _lease = store.gc_lease()?;
+    let mut context = Context {
+        store,
+        reporter,
+        options,
+        workspace,
+        fingerprints: Fingerprints::load(workspace),
+        artifacts: cargo::ArtifactCache::load(workspace),
+        workspace_stamp: None,
+        // One read of the catalog per build; images this build stores are added as it goes.
+        images: store.list()?,
+        epoch: crate::store::export::source_date_epoch().unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        }),
+    };
+    let sites: BTreeMap<&str, Site<'_>> = report
+        .manifests
+        .iter()
+        .flat_map(|manifest| {
+            manifest.appliances.iter().map(move |appliance| {
+                (
+                    appliance.name.value.as_str(),
+                    Site {
+                        manifest,
+                        appliance,
+                    },
+                )
+            })
+        })
+        .collect();
+    let order = build_order(report, &sites);
+    let mut built: BTreeMap<String, Built> = BTreeMap::new();
+    let mut results = Vec::new();
+    for name in order {
+        let Some(site) = sites.get(name.as_str()) else {
+            continue;
+        };
+        let locked = old_lock.appliances.get(&name).cloned().unwrap_or_default();
+        let (done, lock_entry) = context.build_one(site, &built, &locked)?;
+        new_lock.appliances.insert(name.clone(), lock_entry);
+        built.insert(name, done.clone());
+        results.push(done);
+    }
+    context.fingerprints.save(workspace)?;
+    context.artifacts.save(workspace)?;
+    if new_lock != old_lock {
+        if options.locked {
+            return Err(anyhow::anyhow!(
+                "--locked: {} needs to be updated ({}), but --locked forbids changing it",
+                lock_path.display(),
+                describe_lock_change(&old_lock, &new_lock)
+            )
+            .into());
+        }
+        new_lock.write(&lock_path)?;
+    }
+    Ok(results)
+}
+
+fn describe_lock_change(old: &LockFile, new: &LockFile) -> String {
+    let changed: Vec<&str> = new
+        .appliances
+        .iter()
+        .filter(|(name, entry)| old.appliances.get(*name) != Some(entry))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    format!("changed for {}", changed.join(", "))
+}
+
+/// The checked appliances, each after the appliance it derives from.
+fn build_order(report: &CheckReport, sites: &BTreeMap<&str, Site<'_>>) -> Vec<String> {
+    let mut order = Vec::new();
+    fn visit(name: &str, sites: &BTreeMap<&str, Site<'_>>, order: &mut Vec<String>, depth: usize) {
+        if order.iter().any(|n| n == name) || depth > sites.len() {
+            return;
+        }
+        if let Some(site) = sites.get(name)
+            && let Some(base) = &site.appliance.base
+            && let BaseRef::Appliance { name: parent } = &base.value
+        {
+            visit(&parent.value, sites, order, depth + 1);
+        }
+        order.push(name.to_owned());
+    }
+    for (_, appliance) in report.appliances() {
+        visit(&appliance.name.value, sites, &mut order, 0);
+    }
+    order
+}
+
+struct Context<'a> {
+    store: &'a Store,
+    reporter: &'a Reporter,
+    options: &'a BuildOptions,
+    workspace: &'a crate::workspace::Workspace,
+    fingerprints: Fingerprints,
+    artifacts: cargo::ArtifactCache,
+    workspace_stamp: Option<String>,
+    images: Vec<ImageRecord>,
+    epoch: i64,
+}
+
+impl Context<'_> {
+    fn build_one(
+        &mut self,
+        site: &Site<'_>,
+        built: &BTreeMap<String, Built>,
+        locked: &LockedAppliance,
+    ) -> Result<(Built, LockedAppliance), BuildError> {
+        let started = Instant::now();
+        let appliance = site.appliance;
+        let name = &appliance.name.value;
+        let mut lock_entry = LockedAppliance::default();
+        let mut fresh = true;
+
+        // Base.
+        let base_node = appliance
+            .base
+            .as_ref()
+            .context("the appliance has no base (check should have said so)")?;
+        let base = match &base_node.value {
+            BaseRef::Image {
+                name: image_name,
+                version,
+            } => {
+                let image =
+                    self.resolve_base(site, base_node.span, image_name, version.as_ref(), locked)?;
+                lock_entry.base = Some(LockedImage {
+                    name: image.name.clone(),
+                    version: image.version.clone(),
+                    digest: image.tree_digest.clone(),
+                });
+                image
+            }
+            BaseRef::Appliance { name: parent } => built
+                .get(&parent.value)
+                .map(|b| b.image.clone())
+                .with_context(|| format!("appliance `{}` was not built first", parent.value))?,
+        };
+        self.reporter.explain(&format!(
+            "{name}: base {} ({})",
+            base.reference(),
+            short(&base.tree_digest)
+        ));
+
+        // Packages.
+        let wish = PackageWish {
+            wanted: appliance
+                .packages
+                .iter()
+                .map(|p| p.name.value.clone())
+                .collect(),
+            removed: appliance.remove.iter().map(|p| p.value.clone()).collect(),
+            recommends: appliance.packages.iter().any(|p| p.recommends),
+        };
+        let packages_image = if wish.is_empty() {
+            base.clone()
+        } else {
+            let (image, did_work) = self.package_step(site, &base, &wish, locked)?;
+            fresh &= !did_work;
+            // Stored images carry their package versions in the provenance: no catalog query.
+            let installed: BTreeMap<String, String> = image
+                .provenance
+                .get("packages")
+                .and_then(|p| p.as_object())
+                .map(|versions| {
+                    versions
+                        .iter()
+                        .filter(|(name, _)| wish.wanted.contains(*name))
+                        .filter_map(|(name, v)| Some((name.clone(), v.as_str()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            lock_entry.packages = Some(LockedPackages {
+                key: wish.key(&base),
+                digest: image.tree_digest.clone(),
+                versions: installed,
+            });
+            image
+        };
+
+        // Files, binaries, configuration, run scripts.
+        let (image, did_work) = self.appliance_step(site, &packages_image)?;
+        fresh &= !did_work;
+
+        // Outputs.
+        let outputs = self.write_outputs(site, &image)?;
+        let done = Built {
+            appliance: name.clone(),
+            image,
+            fresh,
+            outputs,
+            elapsed: started.elapsed(),
+        };
+        Ok((done, lock_entry))
+    }
+
+    fn resolve_base(
+        &self,
+        site: &Site<'_>,
+        span: Span,
+        image_name: &str,
+        requirement: Option<&crate::manifest::version::VersionReq>,
+        locked: &LockedAppliance,
+    ) -> Result<ImageRecord, BuildError> {
+        let images = &self.images;
+        let matches = |image: &ImageRecord| {
+            image.name == image_name
+                && !image.needs_repair
+                && requirement.is_none_or(|req| {
+                    crate::manifest::version::Version::parse(&image.version)
+                        .is_ok_and(|v| req.matches(&v))
+                })
+        };
+        if let Some(pin) = &locked.base
+            && pin.name == image_name
+            && let Some(image) = images
+                .iter()
+                .filter(|i| matches(i))
+                .find(|i| i.tree_digest == pin.digest)
+        {
+            return Ok(image.clone());
+        }
+        let newest = images.iter().filter(|i| matches(i)).max_by(|a, b| {
+            crate::store::version_key(&a.version)
+                .cmp(&crate::store::version_key(&b.version))
+                .then(a.id.cmp(&b.id))
+        });
+        match newest {
+            Some(image) => Ok(image.clone()),
+            None => {
+                let other_versions: Vec<String> = images
+                    .iter()
+                    .filter(|i| i.name == image_name)
+                    .map(ImageRecord::reference)
+                    .collect();
+                let suite = image_name.rsplit('/').next().unwrap_or(image_name);
+                let help = if other_versions.is_empty() {
+                    format!(
+                        "create it: `cargo appliance base create {image_name} --suite {suite}`, or import one with `cargo appliance image import {image_name} PATH`"
+                    )
+                } else {
+                    format!(
+                        "the store has {}, none matching the version requirement",
+                        other_versions.join(", ")
+                    )
+                };
+                Err(site
+                    .error(
+                        "appliance::base-not-found",
+                        format!(
+                            "no image `{image_name}` in the store {}",
+                            self.store.root().display()
+                        ),
+                        span,
+                    )
+                    .label("not in the store")
+                    .help(help)
+                    .into())
+            }
+        }
+    }
+
+    fn package_step(
+        &mut self,
+        site: &Site<'_>,
+        origin: &ImageRecord,
+        wish: &PackageWish,
+        locked: &LockedAppliance,
+    ) -> Result<(ImageRecord, bool), BuildError> {
+        let appliance = site.appliance;
+        let pinned = locked.packages.as_ref();
+        let plan = packages_step::plan(
+            &self.images,
+            origin,
+            wish,
+            pinned.map(|p| p.digest.as_str()),
+        );
+        let (start, install, remove, reason) = match plan {
+            Plan::Stored(image) => {
+                self.reporter.explain(&format!(
+                    "{}: packages stored as {} (same start image and package set)",
+                    appliance.name.value,
+                    image.reference()
+                ));
+                return Ok((image, false));
+            }
+            Plan::Install {
+                start,
+                install,
+                remove,
+                reason,
+            } => (start, install, remove, reason),
+        };
+        self.reporter.explain(&format!(
+            "{}: starting the package step from {}: {reason}",
+            appliance.name.value,
+            start.reference()
+        ));
+        let mut what: Vec<String> = install.iter().cloned().collect();
+        what.extend(remove.iter().map(|r| format!("-{r}")));
+        self.reporter.status(
+            "Installing",
+            &format!("{} on {}", what.join(", "), start.reference()),
+        );
+        let no_pins = BTreeMap::new();
+        let exec = packages_step::Execution {
+            store: self.store,
+            reporter: self.reporter,
+            offline: self.options.offline,
+            image_name: format!("{}/packages", appliance.name.value),
+            pins: pinned.map_or(&no_pins, |p| &p.versions),
+        };
+        match packages_step::execute(&exec, origin, wish, &start, &install, &remove) {
+            Ok(image) => {
+                self.images.push(image.clone());
+                Ok((image, true))
+            }
+            Err(error) => Err(self.package_error(site, error)),
+        }
+    }
+
+    /// An apt failure as a diagnostic on the manifest node that asked for the package.
+    fn package_error(&self, site: &Site<'_>, error: anyhow::Error) -> BuildError {
+        let appliance = site.appliance;
+        let span_of = |package: &str| {
+            appliance
+                .packages
+                .iter()
+                .map(|p| &p.name)
+                .chain(appliance.remove.iter())
+                .find(|p| p.value == package)
+                .map(|p| p.span)
+        };
+        let first_span = appliance
+            .packages
+            .first()
+            .map(|p| p.name.span)
+            .or_else(|| appliance.remove.first().map(|r| r.span))
+            .unwrap_or(appliance.name.span);
+        match error.downcast::<PackageFailure>() {
+            Ok(PackageFailure::Unknown(unknown)) => BuildError::Diagnostics(
+                unknown
+                    .iter()
+                    .map(|package| {
+                        site.error(
+                            "appliance::unknown-package",
+                            format!(
+                                "package `{}` is not in the apt indexes of the image",
+                                package.name
+                            ),
+                            span_of(&package.name).unwrap_or(first_span),
+                        )
+                        .label("unknown package")
+                        .maybe_help(
+                            package
+                                .did_you_mean
+                                .as_ref()
+                                .map(|close| format!("did you mean `{close}`?")),
+                        )
+                    })
+                    .collect(),
+            ),
+            Ok(PackageFailure::Apt(failure)) => site
+                .error(
+                    "appliance::apt-failed",
+                    format!("apt failed: {failure}"),
+                    first_span,
+                )
+                .label("while installing these packages")
+                .help(format!("apt's output ends with:\n{}", failure.tail(25)))
+                .into(),
+            Err(other) => BuildError::Other(other.context("the package step failed")),
+        }
+    }
+
+    /// The files, binaries and configuration step; `run` scripts after it.
+    fn appliance_step(
+        &mut self,
+        site: &Site<'_>,
+        parent: &ImageRecord,
+    ) -> Result<(ImageRecord, bool), BuildError> {
+        let appliance = site.appliance;
+        let manifest_dir = site
+            .manifest
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let copies = files::collect(
+            self.workspace,
+            &manifest_dir,
+            &appliance.copies,
+            &mut self.fingerprints,
+        )
+        .map_err(|e| {
+            BuildError::Other(e.context(format!(
+                "collecting the files of `{}`",
+                appliance.name.value
+            )))
+        })?;
+        let binaries = self.build_binaries(site)?;
+        let scripts = self.run_scripts(site, &manifest_dir)?;
+        let key = appliance_key(appliance, parent, &copies, &binaries, &scripts);
+        if let Some(found) = self
+            .images
+            .iter()
+            .filter(|i| !i.needs_repair && i.parent == Some(parent.id))
+            .filter(|i| i.provenance.get("key").and_then(|k| k.as_str()) == Some(key.as_str()))
+            .max_by_key(|i| i.id)
+        {
+            return Ok((found.clone(), false));
+        }
+        self.reporter.status(
+            "Building",
+            &format!("{} on {}", appliance.name.value, parent.reference()),
+        );
+        let tree = self.store.tree(parent)?;
+        let mut editor = TreeEditor::new(
+            tree,
+            self.store.staging()?,
+            self.store.objects(),
+            self.epoch,
+        );
+        let applied = apply(&mut editor, site, &copies, &binaries);
+        let editor = match applied {
+            Ok(()) => editor,
+            Err(error) => {
+                editor.staging.discard();
+                return Err(error);
+            }
+        };
+        let provenance = json!({
+            "source": "cargo-appliance build",
+            "step": "appliance",
+            "key": key,
+            "appliance": appliance.name.value,
+            "manifest": self.workspace.display_path(&site.manifest.path),
+        });
+        let new = NewTree {
+            name: appliance.name.value.clone(),
+            version: None,
+            parent: Some(parent.id),
+            provenance,
+        };
+        let record = if scripts.is_empty() {
+            self.store
+                .commit_tree(&new, &editor.tree, editor.staging, None)?
+        } else {
+            self.run_and_store(site, editor, &scripts, &new)?
+        };
+        self.images.push(record.clone());
+        Ok((record, true))
+    }
+
+    fn build_binaries(
+        &mut self,
+        site: &Site<'_>,
+    ) -> Result<Vec<(String, u32, cargo::Artifact)>, BuildError> {
+        let appliance = site.appliance;
+        let mut out = Vec::new();
+        for binary in &appliance.binaries {
+            let package = match &binary.package {
+                Some(package) => package.value.clone(),
+                None => self
+                    .workspace
+                    .packages
+                    .iter()
+                    .find(|p| p.bins.contains(&binary.name.value))
+                    .map(|p| p.name.clone())
+                    .context("binary without a package (check should have said so)")?,
+            };
+            let spec = cargo::BinarySpec {
+                package,
+                bin: binary.name.value.clone(),
+                target: binary.target.clone(),
+                profile: binary.profile.clone(),
+            };
+            let stamp = match &self.workspace_stamp {
+                Some(stamp) => stamp.clone(),
+                None => {
+                    let stamp = cargo::workspace_stamp(self.workspace);
+                    self.workspace_stamp = Some(stamp.clone());
+                    stamp
+                }
+            };
+            let spinner = self
+                .reporter
+                .spinner(&format!("cargo build --bin {}", spec.bin));
+            let result = cargo::build_binary(
+                self.workspace,
+                &mut self.artifacts,
+                &stamp,
+                &spec,
+                self.options.offline,
+            );
+            spinner.finish_and_clear();
+            match result {
+                Ok((artifact, reused)) => {
+                    if !reused {
+                        self.reporter
+                            .status("Compiled", &format!("{} ({})", spec.bin, spec.package));
+                    }
+                    out.push((binary.to.clone(), binary.mode, artifact));
+                }
+                Err(error) => {
+                    return Err(match error.downcast::<cargo::CargoFailure>() {
+                        Ok(failure) => site
+                            .error(
+                                "appliance::cargo-failed",
+                                format!("cargo could not build `{}`", failure.bin),
+                                binary.span,
+                            )
+                            .label("this binary")
+                            .help(format!("cargo's output:\n{}", tail(&failure.output, 30)))
+                            .into(),
+                        Err(other) => BuildError::Other(other),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn run_scripts(
+        &self,
+        site: &Site<'_>,
+        manifest_dir: &Path,
+    ) -> Result<Vec<(Span, String)>, BuildError> {
+        let mut scripts = Vec::new();
+        for run in &site.appliance.runs {
+            let text = match &run.source {
+                crate::manifest::model::RunSource::Inline { script } => script.clone(),
+                crate::manifest::model::RunSource::File { path } => {
+                    fs_err::read_to_string(manifest_dir.join(&path.value)).map_err(|e| {
+                        BuildError::from(site.error(
+                            "appliance::unreadable-source",
+                            format!("cannot read script: {e}"),
+                            path.span,
+                        ))
+                    })?
+                }
+            };
+            scripts.push((run.span, text));
+        }
+        Ok(scripts)
+    }
+
+    /// Materialize the edited tree, run the scripts in the sandbox, store the result.
+    fn run_and_store(
+        &self,
+        site: &Site<'_>,
+        editor: TreeEditor,
+        scripts: &[(Span, String)],
+        new: &NewTree,
+    ) -> Result<ImageRecord, BuildError> {
+        let store = self.store;
+        let TreeEditor { tree, staging, .. } = editor;
+        // The edited content must be durable objects before it is materialized from them.
+        staging.commit()?;
+        let work = store.staging()?;
+        let root = work.dir().join("root");
+        let result = (|| -> Result<ImageRecord, BuildError> {
+            crate::store::export::export_directory(&tree, &store.objects(), &root)?;
+            let sandbox = crate::packages::apt::Sandbox::prepare(&root)?;
+            for (index, (span, script)) in scripts.iter().enumerate() {
+                // /tmp is a fresh tmpfs inside the sandbox: the script waits in the root.
+                let script_in_root = root.join(format!("run-{index}.sh"));
+                fs_err::write(&script_in_root, script)?;
+                let name = format!("/run-{index}.sh");
+                let spinner = self.reporter.spinner(&format!("run script {}", index + 1));
+                let ran = sandbox.run(&["sh", "-e", &name]);
+                spinner.finish_and_clear();
+                fs_err::remove_file(&script_in_root)?;
+                if let Err(error) = ran {
+                    return Err(
+                        match error.downcast::<crate::packages::apt::SandboxFailure>() {
+                            Ok(failure) => site
+                                .error(
+                                    "appliance::run-failed",
+                                    format!(
+                                        "the script failed inside the image ({})",
+                                        failure.status
+                                    ),
+                                    *span,
+                                )
+                                .label("this script")
+                                .help(format!("its output ends with:\n{}", failure.tail(25)))
+                                .into(),
+                            Err(other) => BuildError::Other(other),
+                        },
+                    );
+                }
+            }
+            sandbox.finish()?;
+            let mut import_staging = store.staging()?;
+            let imported = crate::store::import::import_directory(
+                &root,
+                &mut import_staging,
+                crate::store::import::Limits::default(),
+            )?;
+            Ok(store.commit_tree(
+                new,
+                &imported.tree,
+                import_staging,
+                imported.dpkg_status.as_deref(),
+            )?)
+        })();
+        work.discard();
+        result
+    }
+
+    fn write_outputs(
+        &self,
+        site: &Site<'_>,
+        image: &ImageRecord,
+    ) -> Result<Vec<PathBuf>, BuildError> {
+        let appliance = site.appliance;
+        let dir = self
+            .workspace
+            .target_dir
+            .join("appliance")
+            .join(&appliance.name.value);
+        let mut written = Vec::new();
+        for output in &appliance.outputs {
+            let base_name = output
+                .name
+                .clone()
+                .unwrap_or_else(|| appliance.name.value.clone());
+            match output.format.value.as_str() {
+                "tar" => {
+                    fs_err::create_dir_all(&dir)?;
+                    let path = dir.join(format!("{base_name}.tar.zst"));
+                    let stamp_path = dir.join(format!(".{base_name}.tar.zst.stamp"));
+                    let stamp = format!(
+                        "{} {:?}",
+                        image.tree_digest,
+                        crate::store::export::source_date_epoch()
+                    );
+                    let unchanged = path.is_file()
+                        && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp);
+                    if !unchanged {
+                        let spinner = self
+                            .reporter
+                            .spinner(&format!("writing {}", path.display()));
+                        let tree = self.store.tree(image)?;
+                        crate::store::export::export(&tree, &self.store.objects(), &path)?;
+                        fs_err::write(&stamp_path, &stamp)?;
+                        spinner.finish_and_clear();
+                    }
+                    written.push(path);
+                }
+                other => self.reporter.warn(&format!(
+                    "{}: the `{other}` output is not written yet by this version (only `tar`)",
+                    appliance.name.value
+                )),
+            }
+        }
+        Ok(written)
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+pub fn short(digest: &str) -> &str {
+    &digest[..12.min(digest.len())]
+}
+
+/// The appliance step's key: the parent tree, the configuration as written (spans, outputs
+/// and other build-irrelevant nodes left out), and the content digests of what is copied.
+fn appliance_key(
+    appliance: &Appliance,
+    parent: &ImageRecord,
+    copies: &[files::CopyItem],
+    binaries: &[(String, u32, cargo::Artifact)],
+    scripts: &[(Span, String)],
+) -> String {
+    let mut config = serde_json::to_value(appliance).unwrap_or_default();
+    strip_spans(&mut config);
+    if let Some(object) = config.as_object_mut() {
+        for irrelevant in [
+            "description",
+            "outputs",
+            "forwards",
+            "suggest",
+            "packages",
+            "remove",
+            "base",
+            "kernel",
+            "runs",
+        ] {
+            object.remove(irrelevant);
+        }
+    }
+    let inputs = json!({
+        "version": 1,
+        "parent": parent.tree_digest,
+        "config": config,
+        "copies": copies,
+        "binaries": binaries.iter().map(|(to, mode, a)| json!([to, mode, a.digest])).collect::<Vec<_>>(),
+        "scripts": scripts.iter().map(|(_, s)| s).collect::<Vec<_>>(),
+    });
+    let mut hasher = Sha256::new();
+    hasher.update(inputs.to_string());
+    hex(&hasher.finalize())
+}
+
+/// `{value, span}` → value; `span` fields dropped: moving a node does not change the build.
+fn strip_spans(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.len() == 2 && map.contains_key("span") && map.contains_key("value") {
+                if let Some(mut inner) = map.remove("value") {
+                    strip_spans(&mut inner);
+                    *value = inner;
+                }
+                return;
+            }
+            map.remove("span");
+            for inner in map.values_mut() {
+                strip_spans(inner);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_spans),
+        _ => {}
+    }
+}
+
+/// Apply files, binaries and configuration to the tree, in the order the design fixes:
+/// groups and users first (so owners by name resolve), then files, then services and the rest.
+fn apply(
+    editor: &mut TreeEditor,
+    site: &Site<'_>,
+    copies: &[files::CopyItem],
+    binaries: &[(String, u32, cargo::Artifact)],
+) -> Result<(), BuildError> {
+    let appliance = site.appliance;
+    let mut accounts = accounts::Accounts::read(editor)?;
+    for group in &appliance.groups {
+        accounts
+            .add_group(&group.name.value, group.gid, group.system)
+            .map_err(|e| site.error("appliance::group-failed", format!("{e:#}"), group.span))?;
+    }
+    let mut homes = Vec::new();
+    for user in &appliance.users {
+        let added = accounts
+            .add_user(&accounts::NewUser {
+                name: &user.name.value,
+                system: user.system,
+                uid: user.uid,
+                group: user.group.as_deref(),
+                groups: &user.groups,
+                home: user.home.as_deref(),
+                shell: user.shell.as_deref(),
+                comment: user.comment.as_deref(),
+            })
+            .map_err(|e| site.error("appliance::user-failed", format!("{e:#}"), user.span))?;
+        if added.create_home {
+            homes.push(added);
+        }
+    }
+    if !appliance.groups.is_empty() || !appliance.users.is_empty() {
+        accounts.write(editor)?;
+    }
+    for home in homes {
+        if !editor.exists(&home.home) {
+            editor.mkdir(&home.home, 0o755, home.uid, home.gid)?;
+        }
+    }
+    let owner_of = |accounts: &accounts::Accounts,
+                    owner: Option<&crate::manifest::model::Spanned<String>>,
+                    group: Option<&crate::manifest::model::Spanned<String>>|
+     -> Result<(u32, u32), BuildError> {
+        let uid = match owner {
+            Some(owner) => accounts.uid(&owner.value).ok_or_else(|| {
+                site.error(
+                    "appliance::unknown-owner",
+                    format!("user `{}` does not exist in the image", owner.value),
+                    owner.span,
+                )
+                .label("no such user in /etc/passwd")
+                .maybe_help(
+                    crate::diagnostics::did_you_mean(
+                        &owner.value,
+                        accounts.user_names().iter().map(String::as_str),
+                    )
+                    .map(|c| format!("did you mean `{c}`? (or add a `user` node)")),
+                )
+            })?,
+            None => 0,
+        };
+        let gid = match group {
+            Some(group) => accounts.gid(&group.value).ok_or_else(|| {
+                site.error(
+                    "appliance::unknown-group",
+                    format!("group `{}` does not exist in the image", group.value),
+                    group.span,
+                )
+                .label("no such group in /etc/group")
+                .maybe_help(
+                    crate::diagnostics::did_you_mean(
+                        &group.value,
+                        accounts.group_names().iter().map(String::as_str),
+                    )
+                    .map(|c| format!("did you mean `{c}`? (or add a `group` node)")),
+                )
+            })?,
+            None => 0,
+        };
+        Ok((uid, gid))
+    };
+    for mkdir in &appliance.mkdirs {
+        let (uid, gid) = owner_of(&accounts, mkdir.owner.as_ref(), mkdir.group.as_ref())?;
+        editor
+            .mkdir(&mkdir.path, mkdir.mode, uid, gid)
+            .map_err(|e| site.error("appliance::mkdir-failed", format!("{e:#}"), mkdir.span))?;
+    }
+    for item in copies {
+        let copy = &appliance.copies[item.node];
+        let (uid, gid) = owner_of(&accounts, copy.owner.as_ref(), copy.group.as_ref())?;
+        let result = match &item.kind {
+            CopyKind::File { source, .. } => fs_err::File::open(source)
+                .map_err(anyhow::Error::from)
+                .and_then(|file| editor.write(&item.destination, file, item.mode, uid, gid)),
+            CopyKind::Dir => editor.mkdir(&item.destination, item.mode, uid, gid),
+            CopyKind::Symlink { target } => editor.symlink(&item.destination, target),
+        };
+        result.map_err(|e| site.error("appliance::copy-failed", format!("{e:#}"), copy.span))?;
+    }
+    for (to, mode, artifact) in binaries {
+        let file = fs_err::File::open(&artifact.path)?;
+        editor.write(to, file, *mode, 0, 0)?;
+    }
+    for symlink in &appliance.symlinks {
+        editor
+            .symlink(&symlink.path, &symlink.target)
+            .map_err(|e| site.error("appliance::symlink-failed", format!("{e:#}"), symlink.span))?;
+    }
+    for service in &appliance.services {
+        let result = if service.enable {
+            systemd::enable(editor, &service.unit.value).map(|_| ())
+        } else {
+            systemd::disable(editor, &service.unit.value).map(|_| ())
+        };
+        result.map_err(|e| {
+            site.error(
+                "appliance::service-failed",
+                format!("{e:#}"),
+                service.unit.span,
+            )
+            .label(if service.enable {
+                "cannot enable"
+            } else {
+                "cannot disable"
+            })
+        })?;
+    }
+    configure_system(editor, site)?;
+    Ok(())
+}
+
+/// Hostname, time zone, locale, environment and kernel command line.
+fn configure_system(editor: &mut TreeEditor, site: &Site<'_>) -> Result<(), BuildError> {
+    let appliance = site.appliance;
+    if let Some(hostname) = &appliance.hostname {
+        editor.rewrite(
+            "/etc/hostname",
+            format!("{}\n", hostname.value).as_bytes(),
+            0o644,
+        )?;
+        let hosts = editor.read_text("/etc/hosts")?.unwrap_or_else(|| {
+            "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n".to_owned()
+        });
+        // Debian maps the host name to 127.0.1.1 (as the installer does).
+        let mut lines: Vec<String> = hosts
+            .lines()
+            .filter(|l| !l.starts_with("127.0.1.1"))
+            .map(str::to_owned)
+            .collect();
+        lines.insert(1.min(lines.len()), format!("127.0.1.1\t{}", hostname.value));
+        editor.rewrite("/etc/hosts", (lines.join("\n") + "\n").as_bytes(), 0o644)?;
+    }
+    if let Some(timezone) = &appliance.timezone {
+        let zone = format!("/usr/share/zoneinfo/{}", timezone.value);
+        if !editor.exists(&zone) {
+            return Err(site
+                .error(
+                    "appliance::unknown-timezone",
+                    format!("the image has no {zone}"),
+                    timezone.span,
+                )
+                .label("not in the image's tzdata")
+                .help("add `packages \"tzdata\"`, or check the zone's name")
+                .into());
+        }
+        editor.symlink("/etc/localtime", &zone)?;
+        editor.rewrite(
+            "/etc/timezone",
+            format!("{}\n", timezone.value).as_bytes(),
+            0o644,
+        )?;
+    }
+    if let Some(locale) = &appliance.locale {
+        editor.rewrite(
+            "/etc/default/locale",
+            format!("LANG={}\n", locale.value).as_bytes(),
+            0o644,
+        )?;
+    }
+    if !appliance.env.is_empty() {
+        let existing = editor.read_text("/etc/environment")?.unwrap_or_default();
+        let names: BTreeSet<&str> = appliance.env.iter().map(|e| e.name.as_str()).collect();
+        let mut lines: Vec<String> = existing
+            .lines()
+            .filter(|l| {
+                l.split_once('=')
+                    .is_none_or(|(name, _)| !names.contains(name.trim()))
+            })
+            .map(str::to_owned)
+            .collect();
+        for var in &appliance.env {
+            lines.push(format!(
+                "{}=\"{}\"",
+                var.name,
+                var.value.replace('"', "\\\"")
+            ));
+        }
+        editor.rewrite(
+            "/etc/environment",
+            (lines.join("\n") + "\n").as_bytes(),
+            0o644,
+        )?;
+    }
+    if !appliance.kernel_cmdline.is_empty() {
+        let words: Vec<&str> = appliance
+            .kernel_cmdline
+            .iter()
+            .map(|w| w.value.as_str())
+            .collect();
+        editor.mkdir("/etc/kernel", 0o755, 0, 0)?;
+        editor.rewrite(
+            "/etc/kernel/cmdline",
+            (words.join(" ") + "\n").as_bytes(),
+            0o644,
+        )?;
+    }
+    Ok(())
+}
+
+/// Re-resolve the bases of the given appliances (all when empty) to the newest stored
+/// matches and drop their package pins: what `cargo appliance update` does.
+pub fn update(report: &CheckReport, store: &Store, reporter: &Reporter) -> anyhow::Result<()> {
+    let lock_path = lockfile::path(&report.workspace.root);
+    let mut lock = LockFile::read(&lock_path)?.unwrap_or_default();
+    let images = store.list()?;
+    for (_, appliance) in report.appliances() {
+        let name = &appliance.name.value;
+        let old = lock.appliances.remove(name).unwrap_or_default();
+        let mut entry = LockedAppliance::default();
+        if let Some(base) = &appliance.base
+            && let BaseRef::Image {
+                name: image_name,
+                version,
+            } = &base.value
+        {
+            let newest = images
+                .iter()
+                .filter(|i| &i.name == image_name && !i.needs_repair)
+                .filter(|i| {
+                    version.as_ref().is_none_or(|req| {
+                        crate::manifest::version::Version::parse(&i.version)
+                            .is_ok_and(|v| req.matches(&v))
+                    })
+                })
+                .max_by(|a, b| {
+                    crate::store::version_key(&a.version)
+                        .cmp(&crate::store::version_key(&b.version))
+                        .then(a.id.cmp(&b.id))
+                });
+            if let Some(image) = newest {
+                let before = old
+                    .base
+                    .as_ref()
+                    .map(|b| format!("{}@{}", b.name, b.version));
+                let after = image.reference();
+                if before.as_deref() != Some(after.as_str()) {
+                    reporter.status(
+                        "Updating",
+                        &format!(
+                            "{name}: {} -> {after}",
+                            before.unwrap_or_else(|| "(none)".into())
+                        ),
+                    );
+                }
+                entry.base = Some(LockedImage {
+                    name: image.name.clone(),
+                    version: image.version.clone(),
+                    digest: image.tree_digest.clone(),
+                });
+            }
+        }
+        lock.appliances.insert(name.clone(), entry);
+    }
+    lock.write(&lock_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_do_not_reach_the_key() {
+        let mut value = json!({"name": {"value": "web", "span": {"offset": 3, "len": 5}},
+                               "copies": [{"span": {"offset": 1, "len": 2}, "mode": 420}]});
+        strip_spans(&mut value);
+        assert_eq!(value, json!({"name": "web", "copies": [{"mode": 420}]}));
+    }
+}

@@ -1,0 +1,339 @@
+//! The package step: install and remove Debian packages on top of the start image, stored as
+//! an image keyed by (start image, wanted packages). When no stored image has the exact key,
+//! start from the closest one: the stored package-step image of the same lineage whose
+//! wanted packages are a subset of ours with the largest overlap, and install only the rest.
+
+use std::collections::BTreeSet;
+
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+use crate::packages::apt::{self, AptCache, AptRequest, Sandbox, UnknownPackage};
+use crate::store::tree::hex;
+use crate::store::{ImageRecord, NewTree, Store};
+
+use super::progress::Reporter;
+
+/// What the manifest asks of the package step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageWish {
+    pub wanted: BTreeSet<String>,
+    pub removed: BTreeSet<String>,
+    pub recommends: bool,
+}
+
+impl PackageWish {
+    pub fn is_empty(&self) -> bool {
+        self.wanted.is_empty() && self.removed.is_empty()
+    }
+
+    /// The step's key: the start image's tree digest and exactly what is asked.
+    pub fn key(&self, origin: &ImageRecord) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(b"cargo-appliance packages v1\n");
+        hasher.update(origin.tree_digest.as_bytes());
+        for (label, set) in [("+", &self.wanted), ("-", &self.removed)] {
+            for name in set {
+                hasher.update(format!("\n{label}{name}"));
+            }
+        }
+        hasher.update(if self.recommends {
+            "\nrecommends"
+        } else {
+            "\n"
+        });
+        hex(&hasher.finalize())
+    }
+}
+
+/// A stored package-step image, as its provenance describes it.
+#[derive(Debug, Clone)]
+struct StepImage<'a> {
+    image: &'a ImageRecord,
+    key: String,
+    origin: String,
+    wanted: BTreeSet<String>,
+    removed: BTreeSet<String>,
+    recommends: bool,
+}
+
+fn step_images(images: &[ImageRecord]) -> Vec<StepImage<'_>> {
+    images
+        .iter()
+        .filter(|i| !i.needs_repair)
+        .filter(|i| i.provenance.get("step").and_then(|s| s.as_str()) == Some("packages"))
+        .filter_map(|image| {
+            let p = &image.provenance;
+            let set = |field: &str| -> BTreeSet<String> {
+                p.get(field)
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            Some(StepImage {
+                image,
+                key: p.get("key")?.as_str()?.to_owned(),
+                origin: p.get("origin")?.as_str()?.to_owned(),
+                wanted: set("wanted"),
+                removed: set("removed"),
+                recommends: p
+                    .get("recommends")
+                    .and_then(|r| r.as_bool())
+                    .unwrap_or(false),
+            })
+        })
+        .collect()
+}
+
+/// Where the package step starts and what it still has to do.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// An image with exactly this key is stored.
+    Stored(ImageRecord),
+    /// Install `install` (and remove `remove`) on top of `start`.
+    Install {
+        start: ImageRecord,
+        install: BTreeSet<String>,
+        remove: BTreeSet<String>,
+        reason: String,
+    },
+}
+
+/// Pick the stored image that leaves the least work.
+pub fn plan(
+    images: &[ImageRecord],
+    origin: &ImageRecord,
+    wish: &PackageWish,
+    pinned_digest: Option<&str>,
+) -> Plan {
+    let key = wish.key(origin);
+    let candidates = step_images(images);
+    let exact: Vec<&StepImage<'_>> = candidates.iter().filter(|c| c.key == key).collect();
+    let pinned = exact
+        .iter()
+        .find(|c| Some(c.image.tree_digest.as_str()) == pinned_digest);
+    if let Some(found) = pinned.or_else(|| exact.iter().max_by_key(|c| c.image.id)) {
+        return Plan::Stored(found.image.clone());
+    }
+    // Same lineage (same origin), same removals and Recommends policy, nothing we don't want.
+    let closest = candidates
+        .iter()
+        .filter(|c| {
+            c.origin == origin.tree_digest
+                && c.removed == wish.removed
+                && c.recommends == wish.recommends
+                && c.wanted.is_subset(&wish.wanted)
+        })
+        .max_by_key(|c| (c.wanted.len(), c.image.id));
+    match closest {
+        Some(found) => Plan::Install {
+            start: found.image.clone(),
+            install: wish.wanted.difference(&found.wanted).cloned().collect(),
+            remove: BTreeSet::new(),
+            reason: format!(
+                "{} has {} of the {} wanted packages ({}); the largest subset stored",
+                found.image.reference(),
+                found.wanted.len(),
+                wish.wanted.len(),
+                found.wanted.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        },
+        None => Plan::Install {
+            start: origin.clone(),
+            install: wish.wanted.clone(),
+            remove: wish.removed.clone(),
+            reason: format!(
+                "no stored package image of {} is a subset of the wanted packages",
+                origin.reference()
+            ),
+        },
+    }
+}
+
+/// Why the package step failed in a way the manifest can point at.
+#[derive(Debug, thiserror::Error)]
+pub enum PackageFailure {
+    #[error("unknown packages")]
+    Unknown(Vec<UnknownPackage>),
+    #[error(transparent)]
+    Apt(#[from] apt::SandboxFailure),
+}
+
+pub struct Execution<'a> {
+    pub store: &'a Store,
+    pub reporter: &'a Reporter,
+    pub offline: bool,
+    pub image_name: String,
+    /// `name=version` pins from the lock file, for the packages it knows.
+    pub pins: &'a std::collections::BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Execution<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Execution")
+            .field("image_name", &self.image_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Materialize `start`, run apt in the sandbox, store the result as a child of `start`.
+pub fn execute(
+    exec: &Execution<'_>,
+    origin: &ImageRecord,
+    wish: &PackageWish,
+    start: &ImageRecord,
+    install: &BTreeSet<String>,
+    remove: &BTreeSet<String>,
+) -> anyhow::Result<ImageRecord> {
+    let store = exec.store;
+    let staging = store.staging()?;
+    let root = staging.dir().join("root");
+    let result = (|| -> anyhow::Result<ImageRecord> {
+        let spinner = exec
+            .reporter
+            .spinner(&format!("materializing {}", start.reference()));
+        let tree = store.tree(start)?;
+        crate::store::export::export_directory(&tree, &store.objects(), &root)?;
+        spinner.finish_and_clear();
+        let sandbox = Sandbox::prepare(&root)?;
+        let cache = AptCache {
+            debs: store.root().join("cache/debs"),
+            lists: store.root().join("cache/apt-lists"),
+        };
+        let request = AptRequest {
+            install: install
+                .iter()
+                .map(|name| match exec.pins.get(name) {
+                    Some(version) => format!("{name}={version}"),
+                    None => name.clone(),
+                })
+                .collect(),
+            remove: remove.iter().cloned().collect(),
+            recommends: wish.recommends,
+            offline: exec.offline,
+        };
+        let spinner = exec.reporter.spinner("apt");
+        let outcome = apt::install(&sandbox, &cache, &request, |what| {
+            spinner.set_message(what.to_owned())
+        });
+        spinner.finish_and_clear();
+        match outcome {
+            Ok(Ok(_log)) => {}
+            Ok(Err(unknown)) => return Err(PackageFailure::Unknown(unknown).into()),
+            Err(error) => {
+                return Err(match error.downcast::<apt::SandboxFailure>() {
+                    Ok(failure) => PackageFailure::Apt(failure).into(),
+                    Err(other) => other,
+                });
+            }
+        }
+        sandbox.finish()?;
+        let spinner = exec.reporter.spinner("storing the package image");
+        let mut import_staging = store.staging()?;
+        let imported = crate::store::import::import_directory(
+            &root,
+            &mut import_staging,
+            crate::store::import::Limits::default(),
+        )?;
+        let record = store.commit_tree(
+            &NewTree {
+                name: exec.image_name.clone(),
+                version: None,
+                parent: Some(start.id),
+                provenance: json!({
+                    "source": "cargo-appliance build",
+                    "step": "packages",
+                    "key": wish.key(origin),
+                    "origin": origin.tree_digest,
+                    "origin_reference": origin.reference(),
+                    "wanted": wish.wanted,
+                    "removed": wish.removed,
+                    "recommends": wish.recommends,
+                    "installed": install,
+                    "started_from": start.reference(),
+                }),
+            },
+            &imported.tree,
+            import_staging,
+            imported.dpkg_status.as_deref(),
+        )?;
+        spinner.finish_and_clear();
+        Ok(record)
+    })();
+    staging.discard();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(id: i64, digest: &str, provenance: serde_json::Value) -> ImageRecord {
+        ImageRecord {
+            id,
+            name: format!("img{id}"),
+            version: "1".into(),
+            tree_digest: digest.into(),
+            parent: None,
+            created_at: 0,
+            provenance,
+            entry_count: 0,
+            content_bytes: 0,
+            needs_repair: false,
+        }
+    }
+
+    fn wish(names: &[&str]) -> PackageWish {
+        PackageWish {
+            wanted: names.iter().map(|s| (*s).to_owned()).collect(),
+            removed: BTreeSet::new(),
+            recommends: false,
+        }
+    }
+
+    fn step(id: i64, origin: &ImageRecord, names: &[&str]) -> ImageRecord {
+        let w = wish(names);
+        image(
+            id,
+            &format!("d{id}"),
+            json!({"step": "packages", "key": w.key(origin), "origin": origin.tree_digest,
+                   "wanted": names, "removed": [], "recommends": false}),
+        )
+    }
+
+    #[test]
+    fn the_largest_stored_subset_is_the_start() {
+        let base = image(1, "base", json!({}));
+        let other_base = image(5, "other", json!({}));
+        let images = vec![
+            base.clone(),
+            step(2, &base, &["nginx"]),
+            step(3, &base, &["curl", "nginx"]),
+            step(4, &base, &["nginx", "vim"]),
+            // A bigger subset, but of another lineage.
+            step(6, &other_base, &["curl", "git", "nginx"]),
+        ];
+        match plan(&images, &base, &wish(&["nginx", "curl", "git"]), None) {
+            Plan::Install { start, install, .. } => {
+                assert_eq!(start.id, 3);
+                assert_eq!(install.into_iter().collect::<Vec<_>>(), ["git"]);
+            }
+            Plan::Stored(found) => panic!("nothing stored has this key, got {found:?}"),
+        }
+        match plan(&images, &base, &wish(&["curl", "nginx"]), None) {
+            Plan::Stored(found) => assert_eq!(found.id, 3),
+            other => panic!("expected the stored image, got {other:?}"),
+        }
+        match plan(&images, &base, &wish(&["git"]), None) {
+            Plan::Install { start, install, .. } => {
+                assert_eq!(start.id, 1);
+                assert_eq!(install.len(), 1);
+            }
+            other => panic!("expected a fresh install, got {other:?}"),
+        }
+    }
+}

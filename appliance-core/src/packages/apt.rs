@@ -1,0 +1,465 @@
+//! apt inside a materialized image: a chroot in a private mount and PID namespace, so that
+//! nothing it mounts or starts outlives it or touches the host. No services start
+//! (`policy-rc.d` denies them), nothing asks questions (noninteractive), Recommends only when
+//! asked. Downloaded `.deb`s and the package lists are cached in the store and reused.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+
+use std::io::{Read as _, Seek as _};
+
+/// Sets up the sandbox inside the new namespaces, then runs the command in the chroot.
+/// Mounts live and die with the namespace: a killed build leaves none behind.
+const SANDBOX_SETUP: &str = r#"set -eu
+root=$1; shift
+mount -t proc proc "$root/proc"
+mount -t tmpfs -o mode=0755,nosuid tmpfs "$root/dev"
+for node in null zero full random urandom tty; do
+    : > "$root/dev/$node"
+    mount --bind "/dev/$node" "$root/dev/$node"
+done
+ln -s /proc/self/fd "$root/dev/fd"
+ln -s /proc/self/fd/0 "$root/dev/stdin"
+ln -s /proc/self/fd/1 "$root/dev/stdout"
+ln -s /proc/self/fd/2 "$root/dev/stderr"
+mkdir "$root/dev/pts" "$root/dev/shm"
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/tmp"
+exec chroot "$root" "$@"
+"#;
+
+/// The `policy-rc.d` that keeps maintainer scripts from starting services.
+const POLICY_RC_D: &str =
+    "#!/bin/sh\n# cargo-appliance: no services start while building\nexit 101\n";
+
+/// Why the sandbox cannot run here, if it cannot.
+pub fn sandbox_problem() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some(
+            "installing packages and running `run` scripts needs root (a chroot in a private \
+             mount namespace with the image's real owners); run the build as root"
+                .into(),
+        );
+    }
+    for program in ["unshare", "chroot", "mount"] {
+        if !crate::process::available(program) {
+            return Some(format!(
+                "`{program}` is missing (Debian package util-linux / coreutils)"
+            ));
+        }
+    }
+    None
+}
+
+/// A materialized image prepared for work in the sandbox; [`Sandbox::finish`] undoes the
+/// preparation so the tree can be imported as it would be on a real machine.
+#[derive(Debug)]
+pub struct Sandbox {
+    root: PathBuf,
+    had_policy_rc_d: bool,
+    original_resolv_conf: Option<ResolvConf>,
+}
+
+#[derive(Debug)]
+enum ResolvConf {
+    Missing,
+    Symlink(PathBuf),
+    File(Vec<u8>),
+}
+
+/// The outcome of a command in the sandbox: its combined output, for errors and logs.
+#[derive(Debug)]
+pub struct Ran {
+    pub output: String,
+}
+
+impl Sandbox {
+    pub fn prepare(root: &Path) -> anyhow::Result<Self> {
+        if let Some(problem) = sandbox_problem() {
+            bail!(problem);
+        }
+        for dir in ["proc", "dev", "tmp", "etc", "usr/sbin"] {
+            let path = root.join(dir);
+            if fs_err::symlink_metadata(&path).is_err() {
+                fs_err::create_dir_all(&path)?;
+            }
+            // Mount points must be real directories of this tree, never symlinks out of it.
+            anyhow::ensure!(
+                fs_err::symlink_metadata(&path)?.is_dir(),
+                "the image's /{dir} is not a directory"
+            );
+        }
+        let resolv = root.join("etc/resolv.conf");
+        let original_resolv_conf = Some(match fs_err::symlink_metadata(&resolv) {
+            Err(_) => ResolvConf::Missing,
+            Ok(meta) if meta.file_type().is_symlink() => {
+                ResolvConf::Symlink(fs_err::read_link(&resolv)?)
+            }
+            Ok(_) => ResolvConf::File(fs_err::read(&resolv)?),
+        });
+        if fs_err::symlink_metadata(&resolv).is_ok() {
+            fs_err::remove_file(&resolv)?;
+        }
+        // Name resolution for apt inside the chroot is the host's.
+        let host_resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+        fs_err::write(&resolv, host_resolv)?;
+        let policy = root.join("usr/sbin/policy-rc.d");
+        let had_policy_rc_d = fs_err::symlink_metadata(&policy).is_ok();
+        if !had_policy_rc_d {
+            fs_err::write(&policy, POLICY_RC_D)?;
+            set_mode(&policy, 0o755)?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            had_policy_rc_d,
+            original_resolv_conf,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Run a command inside the image; the error carries the command's output.
+    pub fn run(&self, argv: &[&str]) -> anyhow::Result<Ran> {
+        let log = tempfile::tempfile().context("creating a log file")?;
+        let status = std::process::Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--kill-child",
+            ])
+            .args(["sh", "-c", SANDBOX_SETUP, "sandbox"])
+            .arg(&self.root)
+            .args(argv)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("DEBCONF_NONINTERACTIVE_SEEN", "true")
+            .env("LC_ALL", "C.UTF-8")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            .status()
+            .context("running `unshare` (util-linux)")?;
+        let mut log = log;
+        let mut output = Vec::new();
+        log.seek(std::io::SeekFrom::Start(0))?;
+        log.read_to_end(&mut output)?;
+        let output = String::from_utf8_lossy(&output).into_owned();
+        if status.success() {
+            Ok(Ran { output })
+        } else {
+            Err(SandboxFailure {
+                command: argv.join(" "),
+                status: status.to_string(),
+                output,
+            }
+            .into())
+        }
+    }
+
+    /// Undo what `prepare` changed.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        let policy = self.root.join("usr/sbin/policy-rc.d");
+        if !self.had_policy_rc_d && fs_err::symlink_metadata(&policy).is_ok() {
+            fs_err::remove_file(&policy)?;
+        }
+        let resolv = self.root.join("etc/resolv.conf");
+        if fs_err::symlink_metadata(&resolv).is_ok() {
+            fs_err::remove_file(&resolv)?;
+        }
+        match self.original_resolv_conf.take() {
+            Some(ResolvConf::Symlink(target)) => std::os::unix::fs::symlink(target, &resolv)?,
+            Some(ResolvConf::File(data)) => fs_err::write(&resolv, data)?,
+            Some(ResolvConf::Missing) | None => {}
+        }
+        Ok(())
+    }
+}
+
+/// A command in the sandbox failed; `output` is what it printed.
+#[derive(Debug, thiserror::Error)]
+#[error("`{command}` failed inside the image ({status})")]
+pub struct SandboxFailure {
+    pub command: String,
+    pub status: String,
+    pub output: String,
+}
+
+impl SandboxFailure {
+    /// The last lines of the output, for a diagnostic.
+    pub fn tail(&self, lines: usize) -> String {
+        let all: Vec<&str> = self.output.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// What the package step asks of apt.
+#[derive(Debug, Clone, Default)]
+pub struct AptRequest {
+    /// Package names, optionally `name=version` (pinned by the lock file).
+    pub install: Vec<String>,
+    pub remove: Vec<String>,
+    pub recommends: bool,
+    pub offline: bool,
+}
+
+/// Caches of the store the package step reuses: downloaded `.deb`s and package lists.
+#[derive(Debug, Clone)]
+pub struct AptCache {
+    pub debs: PathBuf,
+    pub lists: PathBuf,
+}
+
+/// How long fetched package lists are reused before `apt-get update` runs again.
+const LISTS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// Why a package could not be installed, when apt's index says it does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownPackage {
+    pub name: String,
+    pub did_you_mean: Option<String>,
+}
+
+/// Install and remove packages in the sandbox. Unknown package names are reported before
+/// apt runs (`Err` of the outer result is an apt or setup failure).
+pub fn install(
+    sandbox: &Sandbox,
+    cache: &AptCache,
+    request: &AptRequest,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<Result<String, Vec<UnknownPackage>>> {
+    let root = sandbox.root();
+    let lists = root.join("var/lib/apt/lists");
+    let archives = root.join("var/cache/apt/archives");
+    fs_err::create_dir_all(lists.join("partial"))?;
+    fs_err::create_dir_all(archives.join("partial"))?;
+    let sources_key = sources_digest(root)?;
+    let cached_lists = cache.lists.join(&sources_key);
+    let fresh = fs_err::metadata(cached_lists.join(".fetched"))
+        .and_then(|m| m.modified().map_err(Into::into))
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < LISTS_MAX_AGE);
+    let mut log = String::new();
+    if cached_lists.is_dir() && (fresh || request.offline) {
+        copy_dir_files(&cached_lists, &lists)?;
+    } else if request.offline {
+        bail!(
+            "--offline: the store has no package lists for this image's apt sources; build once online"
+        );
+    } else {
+        progress("apt-get update");
+        log += &sandbox.run(&["apt-get", "-q", "update"])?.output;
+        save_lists(&lists, &cached_lists)?;
+    }
+    let known = index_package_names(&lists)?;
+    let unknown: Vec<UnknownPackage> = request
+        .install
+        .iter()
+        .map(|spec| spec.split('=').next().unwrap_or(spec))
+        .chain(request.remove.iter().map(String::as_str))
+        .filter(|name| !known.contains(*name))
+        .map(|name| UnknownPackage {
+            name: name.to_owned(),
+            did_you_mean: crate::diagnostics::did_you_mean(name, known.iter().map(String::as_str))
+                .map(str::to_owned),
+        })
+        .collect();
+    if !unknown.is_empty() {
+        clear_dir(&lists)?;
+        return Ok(Err(unknown));
+    }
+    let before: BTreeSet<String> = list_debs(&archives)?;
+    link_debs(&cache.debs, &archives)?;
+    let mut apt = vec![
+        "apt-get",
+        "-q",
+        "-y",
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+        "-o",
+        "APT::Keep-Downloaded-Packages=true",
+    ];
+    if request.offline {
+        apt.push("--no-download");
+    }
+    apt.push(if request.recommends {
+        "--install-recommends"
+    } else {
+        "--no-install-recommends"
+    });
+    apt.push("install");
+    apt.extend(request.install.iter().map(String::as_str));
+    // `apt-get install pkg-` removes pkg in the same transaction.
+    let removals: Vec<String> = request.remove.iter().map(|p| format!("{p}-")).collect();
+    apt.extend(removals.iter().map(String::as_str));
+    progress(&format!(
+        "apt-get install ({} to install, {} to remove)",
+        request.install.len(),
+        request.remove.len()
+    ));
+    let ran = sandbox.run(&apt);
+    // Keep what was downloaded even when the install failed: the next try reuses it.
+    save_debs(&archives, &cache.debs)?;
+    for deb in list_debs(&archives)? {
+        if !before.contains(&deb) {
+            fs_err::remove_file(archives.join(&deb))?;
+        }
+    }
+    log += &ran?.output;
+    clear_dir(&lists)?;
+    for generated in ["pkgcache.bin", "srcpkgcache.bin"] {
+        let path = root.join("var/cache/apt").join(generated);
+        if path.exists() {
+            fs_err::remove_file(path)?;
+        }
+    }
+    Ok(Ok(log))
+}
+
+/// A digest of the image's apt sources: package lists are cached per set of sources.
+fn sources_digest(root: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    let mut files = vec![root.join("etc/apt/sources.list")];
+    if let Ok(entries) = std::fs::read_dir(root.join("etc/apt/sources.list.d")) {
+        let mut more: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    for file in files {
+        if let Ok(data) = std::fs::read(&file) {
+            hasher.update(
+                file.file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or_default(),
+            );
+            hasher.update(b"\0");
+            hasher.update(&data);
+            hasher.update(b"\0");
+        }
+    }
+    Ok(crate::store::tree::hex(&hasher.finalize()))
+}
+
+/// Package names (and what they provide) in the fetched indexes.
+fn index_package_names(lists: &Path) -> anyhow::Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    for entry in fs_err::read_dir(lists)? {
+        let path = entry?.path();
+        if !path.to_string_lossy().ends_with("_Packages") {
+            continue;
+        }
+        let text = fs_err::read_to_string(&path)?;
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix("Package: ") {
+                names.insert(name.trim().to_owned());
+            } else if let Some(provides) = line.strip_prefix("Provides: ") {
+                for item in provides.split(',') {
+                    if let Some(name) = item.split_whitespace().next() {
+                        names.insert(name.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    Ok(names)
+}
+
+fn list_debs(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
+    let mut debs = BTreeSet::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".deb") && entry.file_type().is_ok_and(|t| t.is_file()) {
+                debs.insert(name);
+            }
+        }
+    }
+    Ok(debs)
+}
+
+/// Offer the cached `.deb`s to apt (it checks each against the index before use).
+fn link_debs(cache: &Path, archives: &Path) -> anyhow::Result<()> {
+    for deb in list_debs(cache)? {
+        let target = archives.join(&deb);
+        if target.exists() {
+            continue;
+        }
+        if std::fs::hard_link(cache.join(&deb), &target).is_err() {
+            fs_err::copy(cache.join(&deb), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn save_debs(archives: &Path, cache: &Path) -> anyhow::Result<()> {
+    fs_err::create_dir_all(cache)?;
+    for deb in list_debs(archives)? {
+        let target = cache.join(&deb);
+        if target.exists() {
+            continue;
+        }
+        // Write under a temporary name first: a reader never sees half a package.
+        let temp = cache.join(format!(".{deb}.partial"));
+        fs_err::copy(archives.join(&deb), &temp)?;
+        fs_err::rename(&temp, &target)?;
+    }
+    Ok(())
+}
+
+fn save_lists(lists: &Path, cached: &Path) -> anyhow::Result<()> {
+    let parent = cached.parent().context("lists cache has no parent")?;
+    fs_err::create_dir_all(parent)?;
+    let temp = tempfile::Builder::new()
+        .prefix(".lists-")
+        .tempdir_in(parent)?;
+    copy_dir_files(lists, temp.path())?;
+    fs_err::write(temp.path().join(".fetched"), b"")?;
+    let temp = temp.keep();
+    if cached.exists() {
+        fs_err::remove_dir_all(cached)?;
+    }
+    fs_err::rename(&temp, cached)?;
+    Ok(())
+}
+
+/// Copy the regular files of one directory into another (no recursion: apt's lists are flat).
+fn copy_dir_files(from: &Path, to: &Path) -> anyhow::Result<()> {
+    fs_err::create_dir_all(to)?;
+    for entry in fs_err::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if entry.file_type()?.is_file() && name != ".fetched" && name != "lock" {
+            fs_err::copy(entry.path(), to.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Empty apt's lists directory as mmdebstrap leaves it: the image does not carry indexes.
+fn clear_dir(lists: &Path) -> anyhow::Result<()> {
+    for entry in fs_err::read_dir(lists)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() && entry.file_name() != "lock" {
+            fs_err::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
