@@ -322,8 +322,12 @@ fn suggestions_for(
     if !dir.join("catalog.duckdb").exists() {
         return Vec::new();
     }
+    let cache = report
+        .workspace
+        .target_dir
+        .join("appliance/.suggestions.json");
     match crate::store::Store::open(&dir)
-        .and_then(|store| crate::history::suggest::suggest(&store, report, options))
+        .and_then(|store| crate::history::suggest::suggest_cached(&store, report, options, &cache))
     {
         Ok(diagnostics) => diagnostics,
         Err(error) => {
@@ -503,6 +507,7 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
                             "fresh": done.fresh,
                             "outputs": done.outputs,
                             "seconds": done.elapsed.as_secs_f64(),
+                            "output_seconds": done.outputs_elapsed.as_secs_f64(),
                         });
                         let _ = writeln!(std::io::stdout().lock(), "{message}");
                     }

@@ -1,15 +1,12 @@
 //! The store through the real binary, with real Debian content: a minbase root filesystem
 //! made by mmdebstrap (cached in Cargo's target directory between runs).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-fn binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cargo-appliance"));
-    command.env_remove("APPLIANCE_STORE").env("NO_COLOR", "1");
-    command
-}
+mod support;
+use support::{binary, is_root, minbase_tarball};
 
 fn run(store: &Path, args: &[&str]) -> Output {
     binary()
@@ -29,27 +26,6 @@ fn ok(store: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `mmdebstrap --variant=minbase bookworm`, built once and shared by the tests and runs.
-fn minbase_tarball() -> PathBuf {
-    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("appliance-cache");
-    std::fs::create_dir_all(&cache).expect("cache dir");
-    let tarball = cache.join("minbase-bookworm.tar");
-    let lock = std::fs::File::create(cache.join("minbase.lock")).expect("lock file");
-    lock.lock().expect("lock");
-    if !tarball.exists() {
-        let partial = cache.join("minbase-bookworm.partial.tar");
-        let status = Command::new("mmdebstrap")
-            .args(["--variant=minbase", "--quiet", "bookworm"])
-            .arg(&partial)
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .status()
-            .expect("mmdebstrap runs (installed by .ci/install-deps)");
-        assert!(status.success(), "mmdebstrap failed");
-        std::fs::rename(&partial, &tarball).expect("rename");
-    }
-    tarball
 }
 
 fn listing(archive: &Path) -> Vec<serde_json::Value> {
@@ -418,7 +394,7 @@ fn exporting_to_a_directory_and_importing_it_again_gives_the_same_tree() {
     ))
     .expect("json");
     // Ownership and device nodes only survive a directory when we are root.
-    if rustix_is_root() {
+    if is_root() {
         assert_eq!(original["tree_digest"], again["tree_digest"]);
     }
     assert_eq!(original["entry_count"], again["entry_count"]);
@@ -435,13 +411,6 @@ fn exporting_to_a_directory_and_importing_it_again_gives_the_same_tree() {
     );
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("not empty"));
-}
-
-fn rustix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 #[test]

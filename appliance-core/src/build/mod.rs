@@ -51,6 +51,8 @@ pub struct Built {
     pub fresh: bool,
     pub outputs: Vec<PathBuf>,
     pub elapsed: Duration,
+    /// Of `elapsed`, the time spent writing outputs.
+    pub outputs_elapsed: Duration,
 }
 
 /// A failed build: diagnostics that point into the manifests, or another error.
@@ -273,6 +275,20 @@ impl Context<'_> {
             removed: appliance.remove.iter().map(|p| p.value.clone()).collect(),
             recommends: appliance.packages.iter().any(|p| p.recommends),
         };
+        if self.options.locked {
+            let base_changed = lock_entry.base.is_some() && lock_entry.base != locked.base;
+            let packages_changed = !wish.is_empty()
+                && locked.packages.as_ref().map(|p| p.key.as_str())
+                    != Some(wish.key(&base).as_str());
+            if base_changed || packages_changed {
+                // Fail before any work, as Cargo does when resolution would change the lock.
+                return Err(anyhow::anyhow!(
+                    "--locked: Appliance.lock needs to be updated for `{name}` ({}), but --locked forbids changing it",
+                    if base_changed { "its base resolves to another image" } else { "its package set changed" }
+                )
+                .into());
+            }
+        }
         let packages_image = if wish.is_empty() {
             base.clone()
         } else {
@@ -304,6 +320,7 @@ impl Context<'_> {
         fresh &= !did_work;
 
         // Outputs.
+        let outputs_started = Instant::now();
         let outputs = self.write_outputs(site, &image)?;
         let done = Built {
             appliance: name.clone(),
@@ -311,6 +328,7 @@ impl Context<'_> {
             fresh,
             outputs,
             elapsed: started.elapsed(),
+            outputs_elapsed: outputs_started.elapsed(),
         };
         Ok((done, lock_entry))
     }

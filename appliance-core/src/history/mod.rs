@@ -282,7 +282,7 @@ pub fn export(conn: &Connection, path: &Path) -> anyhow::Result<usize> {
 }
 
 /// Support, confidence and lift of a change, from SQL over the history.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Evidence {
     /// Derivations in scope (from the base, or its family).
     pub scope_total: i64,

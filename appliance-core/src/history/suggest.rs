@@ -3,9 +3,10 @@
 //! changes. Each suggestion becomes a help-level diagnostic on the manifest node it concerns.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Change, Evidence, evidence, sql_rank, sql_scope};
 use crate::check::CheckReport;
@@ -31,7 +32,7 @@ impl Default for SuggestOptions {
 }
 
 /// What a suggestion carries in `--message-format json`, beside the diagnostic fields.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SuggestionInfo {
     pub kind: String,
     pub subject: String,
@@ -177,6 +178,16 @@ fn anchor(appliance: &Appliance, change: &Change) -> Span {
     first.unwrap_or(appliance.name.span)
 }
 
+/// One suggestion before it is attached to a manifest: what `suggest` computes and the
+/// cache keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Found {
+    appliance: String,
+    change: Change,
+    scope: String,
+    info: SuggestionInfo,
+}
+
 /// Suggestions for every checked appliance of a report, as help diagnostics. An empty
 /// history gives none.
 pub fn suggest(
@@ -184,6 +195,78 @@ pub fn suggest(
     report: &CheckReport,
     options: &SuggestOptions,
 ) -> anyhow::Result<Vec<Diagnostic>> {
+    Ok(render(report, &compute(store, report, options)?))
+}
+
+/// As [`suggest`], but kept in `cache` and recomputed only when the catalog (any write
+/// changes its files) or the manifests or options change: a no-op build stays fast.
+pub fn suggest_cached(
+    store: &Store,
+    report: &CheckReport,
+    options: &SuggestOptions,
+    cache: &Path,
+) -> anyhow::Result<Vec<Diagnostic>> {
+    let key = cache_key(store, report, options);
+    if let Ok(data) = std::fs::read(cache)
+        && let Ok((cached_key, found)) = serde_json::from_slice::<(String, Vec<Found>)>(&data)
+        && cached_key == key
+    {
+        return Ok(render(report, &found));
+    }
+    let found = compute(store, report, options)?;
+    if let Some(parent) = cache.parent() {
+        fs_err::create_dir_all(parent)?;
+    }
+    let temp = cache.with_extension("tmp");
+    fs_err::write(&temp, serde_json::to_vec(&(&key, &found))?)?;
+    fs_err::rename(&temp, cache)?;
+    Ok(render(report, &found))
+}
+
+fn cache_key(store: &Store, report: &CheckReport, options: &SuggestOptions) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    for file in ["catalog.duckdb", "catalog.duckdb.wal"] {
+        let stamp = std::fs::metadata(store.root().join(file)).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.len(), m.mtime(), m.mtime_nsec(), m.ino())
+        });
+        hasher.update(format!("{file} {stamp:?}\n"));
+    }
+    hasher.update(format!(
+        "{} {} {}\n",
+        options.limit, options.min_support, options.min_confidence
+    ));
+    hasher.update(serde_json::to_string(&report.checked).unwrap_or_default());
+    for manifest in &report.manifests {
+        hasher.update(serde_json::to_string(&manifest.appliances).unwrap_or_default());
+    }
+    crate::store::tree::hex(&hasher.finalize())
+}
+
+fn render(report: &CheckReport, found: &[Found]) -> Vec<Diagnostic> {
+    found
+        .iter()
+        .filter_map(|found| {
+            let (manifest, appliance) = report
+                .appliances()
+                .find(|(_, a)| a.name.value == found.appliance)?;
+            Some(suggestion_diagnostic(
+                &manifest.source,
+                appliance,
+                &found.change,
+                &found.scope,
+                found.info.clone(),
+            ))
+        })
+        .collect()
+}
+
+fn compute(
+    store: &Store,
+    report: &CheckReport,
+    options: &SuggestOptions,
+) -> anyhow::Result<Vec<Found>> {
     let catalog = store.read_catalog()?;
     let conn = catalog.connection();
     let derivations: i64 =
@@ -197,8 +280,8 @@ pub fn suggest(
         .flat_map(|m| m.appliances.iter())
         .map(|a| (a.name.value.as_str(), a))
         .collect();
-    let mut diagnostics = Vec::new();
-    for (manifest, appliance) in report.appliances() {
+    let mut found = Vec::new();
+    for (_, appliance) in report.appliances() {
         let (Some(base), inherited) = resolve_base(appliance, &all) else {
             continue;
         };
@@ -234,12 +317,11 @@ pub fn suggest(
                 continue;
             }
             rank += 1;
-            diagnostics.push(suggestion_diagnostic(
-                &manifest.source,
-                appliance,
-                &scored.change,
-                &scope_label,
-                SuggestionInfo {
+            found.push(Found {
+                appliance: appliance.name.value.clone(),
+                change: scored.change.clone(),
+                scope: scope_label.clone(),
+                info: SuggestionInfo {
                     kind: scored.change.kind.clone(),
                     subject: scored.change.subject.clone(),
                     score: (scored.score * 1000.0).round() / 1000.0,
@@ -247,10 +329,10 @@ pub fn suggest(
                     scope: scope_label.clone(),
                     evidence,
                 },
-            ));
+            });
         }
     }
-    Ok(diagnostics)
+    Ok(found)
 }
 
 fn suggestion_diagnostic(

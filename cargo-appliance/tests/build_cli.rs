@@ -1,0 +1,319 @@
+//! `cargo appliance build` end to end with real parts: a base made by `base create`
+//! (mmdebstrap), real Debian packages installed by apt in the sandbox, a binary built by
+//! cargo from the demo workspace, and the stored result inspected after exporting it.
+//! Needs root (the package step's chroot), as the README says.
+
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+mod support;
+use support::{binary, is_root};
+
+fn demo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/demo")
+}
+
+/// A copy of a fixture workspace (without build output), so builds do not write into the repository.
+fn copy_workspace(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp runs");
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(to.join("target"));
+    let _ = std::fs::remove_file(to.join("Appliance.lock"));
+}
+
+struct Env {
+    store: PathBuf,
+    target: PathBuf,
+}
+
+impl Env {
+    fn command(&self, workspace: &Path, args: &[&str]) -> Output {
+        binary()
+            .current_dir(workspace)
+            .arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .env("CARGO_TARGET_DIR", &self.target)
+            .output()
+            .expect("the binary runs")
+    }
+
+    fn ok(&self, workspace: &Path, args: &[&str]) -> String {
+        let output = self.command(workspace, args);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(
+            output.status.success(),
+            "{args:?} failed:\n{}{stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        stderr
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let output = self.command(
+            Path::new("/"),
+            &[args, &["--message-format", "json"]].concat(),
+        );
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("json")
+    }
+
+    fn images(&self) -> Vec<serde_json::Value> {
+        let output = self.command(Path::new("/"), &["images", "--message-format", "json"]);
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+}
+
+fn dpkg_state(status: &str, package: &str) -> Option<String> {
+    status.split("\n\n").find_map(|stanza| {
+        let name = stanza.lines().find_map(|l| l.strip_prefix("Package: "))?;
+        (name == package).then(|| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix("Status: "))
+                .unwrap_or_default()
+                .to_owned()
+        })
+    })
+}
+
+#[test]
+fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_can() {
+    if !is_root() {
+        panic!("the build tests need root for the package step's chroot (see README)");
+    }
+    let work = tempfile::tempdir().expect("temp dir");
+    let env = Env {
+        store: work.path().join("store"),
+        target: work.path().join("target"),
+    };
+    let workspace = work.path().join("demo");
+    copy_workspace(&demo(), &workspace);
+
+    // Without a base in the store, the diagnostic points at the `base` node and says how.
+    let output = env.command(&workspace, &["build", "-a", "web"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("appliance::base-not-found"), "{stderr}");
+    assert!(
+        stderr.contains("cargo appliance base create debian/bookworm --suite bookworm"),
+        "{stderr}"
+    );
+
+    env.ok(
+        Path::new("/"),
+        &["base", "create", "debian/bookworm", "--suite", "bookworm"],
+    );
+    let built = env.ok(&workspace, &["build", "-a", "web", "-v"]);
+    assert!(
+        built.contains("Installing nginx, openssh-server"),
+        "{built}"
+    );
+    assert!(built.contains("Built web → web@1"), "{built}");
+    assert!(workspace.join("Appliance.lock").is_file());
+
+    // Inspect the stored image, exported as root so owners are real.
+    let root = work.path().join("web-root");
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "export",
+            "web",
+            "-o",
+            root.to_str().expect("utf-8"),
+        ],
+    );
+    let status = std::fs::read_to_string(root.join("var/lib/dpkg/status")).expect("dpkg status");
+    for package in ["nginx", "openssh-server"] {
+        assert_eq!(
+            dpkg_state(&status, package).as_deref(),
+            Some("install ok installed"),
+            "{package} is not in state ii"
+        );
+    }
+    let version = Command::new("chroot")
+        .arg(&root)
+        .args(["/usr/local/bin/api", "--version"])
+        .output()
+        .expect("chroot runs");
+    assert!(version.status.success());
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), "api 0.1.0");
+
+    let group_file = std::fs::read_to_string(root.join("etc/group")).expect("group");
+    let www_data_gid: u32 = group_file
+        .lines()
+        .find_map(|l| l.strip_prefix("www-data:x:"))
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|gid| gid.parse().ok())
+        .expect("www-data group");
+    let htpasswd = std::fs::symlink_metadata(root.join("etc/nginx/htpasswd")).expect("htpasswd");
+    assert_eq!(htpasswd.permissions().mode() & 0o7777, 0o640);
+    assert_eq!((htpasswd.uid(), htpasswd.gid()), (0, www_data_gid));
+
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).expect("passwd");
+    let api = passwd
+        .lines()
+        .find(|l| l.starts_with("api:"))
+        .expect("api in passwd");
+    let fields: Vec<&str> = api.split(':').collect();
+    let uid: u32 = fields[2].parse().expect("uid");
+    assert!((100..1000).contains(&uid), "a system uid: {api}");
+    assert_eq!(
+        (fields[5], fields[6]),
+        ("/var/lib/api", "/usr/sbin/nologin")
+    );
+    let shadow = std::fs::read_to_string(root.join("etc/shadow")).expect("shadow");
+    assert!(shadow.lines().any(|l| l.starts_with("api:!:")), "{shadow}");
+    assert!(
+        group_file.lines().any(|l| l.starts_with("api:x:")),
+        "{group_file}"
+    );
+    let home = std::fs::metadata(root.join("var/lib/api")).expect("home");
+    assert_eq!(home.uid(), uid);
+    let api_toml = std::fs::metadata(root.join("etc/api/api.toml")).expect("api.toml");
+    assert_eq!(api_toml.gid(), fields[3].parse::<u32>().expect("gid"));
+
+    let wants = root.join("etc/systemd/system/multi-user.target.wants/api.service");
+    assert_eq!(
+        std::fs::read_link(&wants).expect("api.service is enabled"),
+        Path::new("/etc/systemd/system/api.service")
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hostname")).expect("hostname"),
+        "web\n"
+    );
+    // The sandbox left nothing behind.
+    assert!(!root.join("usr/sbin/policy-rc.d").exists());
+    assert!(
+        std::fs::read_dir(root.join("var/cache/apt/archives"))
+            .expect("archives")
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().ends_with(".deb"))
+    );
+    // Lineage: base → packages → appliance.
+    let show = env.json(&["image", "show", "web"]);
+    assert_eq!(show["parent_reference"], "web/packages@1");
+    let packages_image = env.json(&["image", "show", "web/packages"]);
+    assert_eq!(packages_image["parent_reference"], "debian/bookworm@1");
+
+    // A no-op build stores nothing and says the appliance is fresh.
+    let images_before = env.images().len();
+    let again = env.ok(&workspace, &["build", "-a", "web"]);
+    assert!(again.contains("Fresh web → web@1"), "{again}");
+    assert_eq!(env.images().len(), images_before);
+
+    // Changing one copied file redoes the appliance step only.
+    write(&workspace.join("static/index.html"), "<h1>changed</h1>\n");
+    let changed = env.ok(&workspace, &["build", "-a", "web"]);
+    assert!(!changed.contains("Installing"), "{changed}");
+    assert!(changed.contains("Built web → web@2"), "{changed}");
+    let web2 = env.json(&["image", "show", "web@2"]);
+    assert_eq!(web2["parent_reference"], "web/packages@1");
+
+    // --locked accepts an unchanged lock and refuses a change.
+    env.ok(&workspace, &["build", "-a", "web", "--locked"]);
+    let manifest = workspace.join("appliance.kdl");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::write(
+        &manifest,
+        text.replace(
+            "packages \"nginx\" \"openssh-server\"",
+            "packages \"nginx\" \"openssh-server\" \"less\"",
+        ),
+    )
+    .expect("edit");
+    let locked = env.command(&workspace, &["build", "-a", "web", "--locked"]);
+    assert!(!locked.status.success());
+    assert!(String::from_utf8_lossy(&locked.stderr).contains("--locked"));
+
+    // An unknown package is a diagnostic on its node, with apt's index for "did you mean".
+    std::fs::write(
+        &manifest,
+        text.replace(
+            "packages \"nginx\" \"openssh-server\"",
+            "packages \"nginx\" \"opensh-server\"",
+        ),
+    )
+    .expect("edit");
+    let unknown = env.command(&workspace, &["build", "-a", "web"]);
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(stderr.contains("appliance::unknown-package"), "{stderr}");
+    assert!(
+        stderr.contains("did you mean `openssh-server`?"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("appliance.kdl:5:"), "{stderr}");
+    assert_eq!(
+        env.images().len(),
+        images_before + 1,
+        "a failed build stores nothing"
+    );
+
+    // Closest base: with {nginx} and {nginx, curl} stored, {nginx, curl, git} starts from the
+    // second and installs only git.
+    let closest = work.path().join("closest");
+    write(
+        &closest.join("Cargo.toml"),
+        "[package]\nname = \"closest\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    );
+    write(&closest.join("src/lib.rs"), "");
+    write(
+        &closest.join("appliance.kdl"),
+        "appliance \"one\" {\n    base \"debian/bookworm\"\n    packages \"nginx\"\n}\n\
+         appliance \"two\" {\n    base \"debian/bookworm\"\n    packages \"nginx\" \"curl\"\n}\n",
+    );
+    env.ok(&closest, &["build"]);
+    std::fs::write(
+        closest.join("appliance.kdl"),
+        "appliance \"three\" {\n    base \"debian/bookworm\"\n    packages \"nginx\" \"curl\" \"git\"\n}\n",
+    )
+    .expect("write");
+    let third = env.ok(&closest, &["build", "-v"]);
+    assert!(
+        third.contains("starting the package step from two/packages@1"),
+        "{third}"
+    );
+    assert!(
+        third.contains("Installing git on two/packages@1"),
+        "{third}"
+    );
+    let three = env.json(&["image", "show", "three/packages"]);
+    assert_eq!(three["parent_reference"], "two/packages@1");
+    assert_eq!(three["provenance"]["installed"], serde_json::json!(["git"]));
+    let names: Vec<&str> = three["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for wanted in ["nginx", "curl", "git"] {
+        assert!(names.contains(&wanted), "{wanted} missing");
+    }
+    let fsck = env.command(Path::new("/"), &["fsck"]);
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+}
