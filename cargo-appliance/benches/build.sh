@@ -25,7 +25,7 @@ now() { date +%s.%N; }
 elapsed() { echo "$(now) - $1" | bc; }
 # Seconds of one build of `web`, total and before outputs, from the JSON messages.
 build_web() {
-    "$bin" --store "$store" build -a web --message-format json |
+    "$bin" --store "$store" build --manifest-path "$ws/Cargo.toml" -a web --message-format json |
         python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -128,7 +128,7 @@ pub fn build(
         artifacts: cargo::ArtifactCache::load(workspace),
         workspace_stamp: None,
         // One read of the catalog per build; images this build stores are added as it goes.
-        images: store.list()?,
+        images: store.list_cached(&workspace.target_dir.join("appliance/.images.json"))?,
         epoch: crate::store::export::source_date_epoch().unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -193,12 +193,19 @@ pub fn execute(
     let staging = store.staging()?;
     let root = staging.dir().join("root");
     let result = (|| -> anyhow::Result<ImageRecord> {
+        let phase = std::time::Instant::now();
         let spinner = exec
             .reporter
             .spinner(&format!("materializing {}", start.reference()));
         let tree = store.tree(start)?;
         crate::store::export::export_directory(&tree, &store.objects(), &root)?;
         spinner.finish_and_clear();
+        exec.reporter.explain(&format!(
+            "materialized {} in {:.2}s",
+            start.reference(),
+            phase.elapsed().as_secs_f64()
+        ));
+        let phase = std::time::Instant::now();
         let sandbox = Sandbox::prepare(&root)?;
         let cache = AptCache {
             debs: store.root().join("cache/debs"),
@@ -232,6 +239,11 @@ pub fn execute(
             }
         }
         sandbox.finish()?;
+        exec.reporter.explain(&format!(
+            "apt finished in {:.2}s",
+            phase.elapsed().as_secs_f64()
+        ));
+        let phase = std::time::Instant::now();
         let spinner = exec.reporter.spinner("storing the package image");
         let mut import_staging = store.staging()?;
         let imported = crate::store::import::import_directory(
@@ -262,6 +274,11 @@ pub fn execute(
             imported.dpkg_status.as_deref(),
         )?;
         spinner.finish_and_clear();
+        exec.reporter.explain(&format!(
+            "stored {} in {:.2}s",
+            record.reference(),
+            phase.elapsed().as_secs_f64()
+        ));
         Ok(record)
     })();
     staging.discard();

@@ -226,13 +226,7 @@ pub fn suggest_cached(
 fn cache_key(store: &Store, report: &CheckReport, options: &SuggestOptions) -> String {
     use sha2::{Digest as _, Sha256};
     let mut hasher = Sha256::new();
-    for file in ["catalog.duckdb", "catalog.duckdb.wal"] {
-        let stamp = std::fs::metadata(store.root().join(file)).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt as _;
-            (m.len(), m.mtime(), m.mtime_nsec(), m.ino())
-        });
-        hasher.update(format!("{file} {stamp:?}\n"));
-    }
+    hasher.update(store.catalog_stamp());
     hasher.update(format!(
         "{} {} {}\n",
         options.limit, options.min_support, options.min_confidence

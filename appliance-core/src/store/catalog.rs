@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS packages (
 ";
 
 /// A stored image as listed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ImageRecord {
     pub id: i64,
     pub name: String,

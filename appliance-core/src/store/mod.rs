@@ -504,6 +504,43 @@ impl Store {
         self.read_catalog()?.images()
     }
 
+    /// A stamp of the catalog's files: every write to the catalog changes it (size, mtime or
+    /// inode of the database or its write-ahead log); reads never do.
+    pub fn catalog_stamp(&self) -> String {
+        use std::os::unix::fs::MetadataExt as _;
+        ["catalog.duckdb", "catalog.duckdb.wal"]
+            .iter()
+            .map(|file| {
+                let stamp = std::fs::metadata(self.root.join(file))
+                    .ok()
+                    .map(|m| (m.len(), m.mtime(), m.mtime_nsec(), m.ino()));
+                format!("{file} {stamp:?}\n")
+            })
+            .collect()
+    }
+
+    /// [`Store::list`], answered from `cache` while the catalog is unchanged: opening the
+    /// catalog costs more than a no-op build may take.
+    pub fn list_cached(&self, cache: &Path) -> anyhow::Result<Vec<ImageRecord>> {
+        let stamp = self.catalog_stamp();
+        if let Ok(data) = std::fs::read(cache)
+            && let Ok((cached_stamp, images)) =
+                serde_json::from_slice::<(String, Vec<ImageRecord>)>(&data)
+            && cached_stamp == stamp
+        {
+            return Ok(images);
+        }
+        let images = self.list()?;
+        // Only a stamp taken before the read may label it: a write in between changes it.
+        if let Some(parent) = cache.parent() {
+            fs_err::create_dir_all(parent)?;
+        }
+        let temp = cache.with_extension("tmp");
+        fs_err::write(&temp, serde_json::to_vec(&(&stamp, &images))?)?;
+        fs_err::rename(&temp, cache)?;
+        Ok(images)
+    }
+
     pub fn show(&self, reference: &str) -> anyhow::Result<ImageDetails> {
         let catalog = self.read_catalog()?;
         let record = self.resolve(&catalog, reference)?;
