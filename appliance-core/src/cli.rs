@@ -4,6 +4,7 @@
 //! only calls [`main`]. Exit codes follow cargo: 0 success (warnings allowed), 1 failure,
 //! 2 usage error (clap's own).
 
+use anyhow::Context as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Build the appliances: base, packages, files and binaries, configuration, outputs
     Build(BuildArgs),
+    /// Build an appliance's disk output and boot it under QEMU, serial console on the terminal
+    Run(RunArgs),
     /// Re-resolve bases to the newest stored images and drop package pins in Appliance.lock
     Update(CheckArgs),
     /// List the images in the store
@@ -225,6 +228,25 @@ pub struct BuildArgs {
     pub offline: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The appliance to boot (needed when several have disk outputs)
+    #[arg(short = 'a', long = "appliance", value_name = "NAME")]
+    pub appliance: Option<String>,
+    /// Which disk output to boot when the appliance has both
+    #[arg(long, value_parser = ["raw", "qcow2"])]
+    pub format: Option<String>,
+    /// Never use KVM, even when /dev/kvm is usable
+    #[arg(long)]
+    pub no_kvm: bool,
+    /// Stop the VM after this many seconds
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Memory of the VM in MiB
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub memory: u32,
+}
+
 /// Entry point for the binary: parse arguments, run, print, return the exit code.
 pub fn main() -> ExitCode {
     // Cargo runs `cargo-appliance appliance <args>`; run directly, there is no `appliance`.
@@ -242,6 +264,7 @@ pub fn run(cli: &Cli) -> ExitCode {
         Command::Suggest(args) => run_suggest(&cli.global, args),
         Command::Build(args) => run_build(&cli.global, args),
         Command::Update(args) => run_update(&cli.global, args),
+        Command::Run(args) => run_vm(&cli.global, args),
         command => match crate::commands::run_store_command(&cli.global, command) {
             Ok(code) => code,
             Err(error) => {
@@ -553,6 +576,119 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_vm(global: &GlobalArgs, args: &RunArgs) -> ExitCode {
+    match boot(global, args) {
+        Ok(code) => code,
+        Err(error) => {
+            report_error(global, &error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let all = check(&CheckOptions {
+        manifest_path: global.manifest_path.clone(),
+        appliances: Vec::new(),
+    })?;
+    let is_disk = |format: &str| matches!(format, "raw" | "qcow2");
+    let candidates: Vec<String> = all
+        .appliances()
+        .filter(|(_, a)| a.outputs.iter().any(|o| is_disk(&o.format.value)))
+        .map(|(_, a)| a.name.value.clone())
+        .collect();
+    let name = match &args.appliance {
+        Some(name) => name.clone(),
+        None => match candidates.as_slice() {
+            [one] => one.clone(),
+            [] => anyhow::bail!(
+                "no appliance has a disk output (`output \"qcow2\"` or `output \"raw\"`)"
+            ),
+            several => anyhow::bail!(
+                "several appliances have disk outputs ({}); pick one with -a",
+                several.join(", ")
+            ),
+        },
+    };
+    if !candidates.contains(&name) {
+        anyhow::bail!("appliance `{name}` has no disk output to boot (add `output \"qcow2\"`)");
+    }
+    let options = CheckOptions {
+        manifest_path: global.manifest_path.clone(),
+        appliances: vec![name.clone()],
+    };
+    let Some(report) = check_or_report(global, &options) else {
+        return Ok(ExitCode::FAILURE);
+    };
+    if report.has_errors() {
+        emit(global, &report.diagnostics);
+        return Ok(ExitCode::FAILURE);
+    }
+    let store = crate::commands::open_store(global)?;
+    let reporter = crate::build::progress::Reporter::new(global.quiet, global.verbose > 0);
+    let built = match crate::build::build(
+        &report,
+        &store,
+        &crate::build::BuildOptions::default(),
+        &reporter,
+    ) {
+        Ok(built) => built,
+        Err(crate::build::BuildError::Diagnostics(diagnostics)) => {
+            emit(global, &diagnostics);
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(crate::build::BuildError::Other(error)) => return Err(error),
+    };
+    let done = built
+        .iter()
+        .find(|b| b.appliance == name)
+        .context("the appliance was not built")?;
+    let disk = done
+        .outputs
+        .iter()
+        .find(|path| {
+            let extension = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or_default();
+            match &args.format {
+                Some(format) => extension == format,
+                None => is_disk(extension),
+            }
+        })
+        .with_context(|| {
+            format!(
+                "`{name}` has no {} output",
+                args.format.as_deref().unwrap_or("disk")
+            )
+        })?;
+    let appliance = report
+        .appliances()
+        .find(|(_, a)| a.name.value == name)
+        .map(|(_, a)| a)
+        .context("the appliance vanished")?;
+    let format = disk
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("raw")
+        .to_owned();
+    let outcome = crate::run::run(
+        &crate::run::RunOptions {
+            disk: disk.clone(),
+            format,
+            forwards: appliance.forwards.clone(),
+            kvm: !args.no_kvm,
+            timeout: args.timeout.map(std::time::Duration::from_secs),
+            memory_mib: args.memory,
+        },
+        |note| reporter.status("Running", note),
+    )?;
+    if !outcome.powered_off {
+        reporter.status("Stopped", "the timeout ended the VM");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_update(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {

@@ -317,3 +317,385 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
         String::from_utf8_lossy(&fsck.stderr)
     );
 }
+
+#[test]
+fn configuration_run_scripts_and_failures_without_a_package_step() {
+    if !is_root() {
+        panic!("the build tests need root for the run scripts' chroot (see README)");
+    }
+    let work = tempfile::tempdir().expect("temp dir");
+    let env = Env {
+        store: work.path().join("store"),
+        target: work.path().join("target"),
+    };
+    let tarball = support::minbase_tarball();
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "import",
+            "debian/bookworm",
+            tarball.to_str().expect("utf-8"),
+        ],
+    );
+    let ws = work.path().join("ws");
+    write(
+        &ws.join("Cargo.toml"),
+        "[package]\nname = \"tool\"\nversion = \"0.3.0\"\nedition = \"2021\"\n",
+    );
+    write(
+        &ws.join("src/main.rs"),
+        "fn main() { println!(\"tool {}\", env!(\"CARGO_PKG_VERSION\")); }\n",
+    );
+    write(
+        &ws.join("src/bin/broken.rs"),
+        "fn main() { let n: u32 = \"not a number\"; println!(\"{n}\"); }\n",
+    );
+    let manifest = ws.join("appliance.kdl");
+    write(
+        &manifest,
+        r#"appliance "configured" {
+    base "debian/bookworm"
+    user "svc" system=#true home="/var/lib/svc"
+    mkdir "/var/lib/svc/data" owner="svc" group="svc" mode=0o750
+    binary "tool"
+    symlink "/usr/bin/tool" target="/usr/local/bin/tool"
+    hostname "box"
+    locale "C.UTF-8"
+    env "RUST_LOG" "info"
+    kernel-cmdline "console=ttyS0" "quiet"
+    run "echo built-by-run > /etc/motd; id -u svc > /etc/svc-uid; tool > /etc/tool-version"
+}
+appliance "child" {
+    base appliance="configured"
+    hostname "child"
+}
+"#,
+    );
+    let built = env.ok(&ws, &["build"]);
+    assert!(built.contains("Built configured → configured@1"), "{built}");
+    assert!(built.contains("Built child → child@1"), "{built}");
+    let root = work.path().join("configured-root");
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "export",
+            "configured",
+            "-o",
+            root.to_str().expect("utf-8"),
+        ],
+    );
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).expect(path);
+    assert_eq!(read("etc/motd"), "built-by-run\n");
+    assert_eq!(read("etc/tool-version"), "tool 0.3.0\n");
+    let passwd = read("etc/passwd");
+    let uid = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("svc:x:"))
+        .and_then(|rest| rest.split(':').next())
+        .expect("svc in passwd");
+    assert_eq!(
+        read("etc/svc-uid").trim(),
+        uid,
+        "run scripts see the manifest's users"
+    );
+    let data = std::fs::metadata(root.join("var/lib/svc/data")).expect("data dir");
+    assert_eq!(data.uid().to_string(), uid);
+    assert_eq!(data.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(
+        std::fs::read_link(root.join("usr/bin/tool")).expect("symlink"),
+        Path::new("/usr/local/bin/tool")
+    );
+    assert_eq!(read("etc/hostname"), "box\n");
+    assert!(read("etc/hosts").contains("127.0.1.1\tbox"));
+    assert_eq!(read("etc/default/locale"), "LANG=C.UTF-8\n");
+    assert!(read("etc/environment").contains("RUST_LOG=\"info\""));
+    assert_eq!(read("etc/kernel/cmdline"), "console=ttyS0 quiet\n");
+    // The sandbox's preparations are gone from the stored image.
+    assert!(!root.join("usr/sbin/policy-rc.d").exists());
+    assert!(!root.join("run-0.sh").exists());
+    let child = env.json(&["image", "show", "child"]);
+    assert_eq!(child["parent_reference"], "configured@1");
+
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    // A failing script: its span, its status and its output.
+    std::fs::write(
+        &manifest,
+        text.replace(
+            "run \"echo built-by-run",
+            "run \"echo about to fail; exit 3; echo",
+        ),
+    )
+    .expect("edit");
+    let failed = env.command(&ws, &["build", "-a", "configured"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("appliance::run-failed"), "{stderr}");
+    assert!(stderr.contains("exit status: 3"), "{stderr}");
+    assert!(stderr.contains("about to fail"), "{stderr}");
+    assert!(stderr.contains("appliance.kdl:11:"), "{stderr}");
+
+    // A binary that does not compile: cargo's error under the binary's node.
+    std::fs::write(
+        &manifest,
+        text.replace("binary \"tool\"", "binary \"broken\""),
+    )
+    .expect("edit");
+    let failed = env.command(&ws, &["build", "-a", "configured"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("appliance::cargo-failed"), "{stderr}");
+    assert!(stderr.contains("mismatched types"), "{stderr}");
+    assert!(stderr.contains("appliance.kdl:5:"), "{stderr}");
+
+    // A time zone the image's tzdata does not know.
+    std::fs::write(
+        &manifest,
+        text.replace("hostname \"box\"", "timezone \"Europe/Atlantis\""),
+    )
+    .expect("edit");
+    let failed = env.command(&ws, &["build", "-a", "configured"]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("appliance::unknown-timezone"), "{stderr}");
+    assert!(stderr.contains("tzdata"), "{stderr}");
+
+    // None of the failures stored anything or broke the store.
+    let names: Vec<String> = env
+        .images()
+        .iter()
+        .filter_map(|i| i["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| *n == "configured").count(),
+        1,
+        "{names:?}"
+    );
+    let fsck = env.command(Path::new("/"), &["fsck"]);
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+}
+
+fn tree_listing(root: &Path) -> Vec<String> {
+    let output = Command::new("find")
+        .arg(".")
+        .args(["-printf", "%p %y %m %U %G %s %l\n"])
+        .current_dir(root)
+        .output()
+        .expect("find runs");
+    assert!(output.status.success());
+    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        // Directory sizes are the filesystem's business, not the image's.
+        .map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            if fields.get(1) == Some(&"d") {
+                fields[..5].join(" ")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn sha256_of(path: &Path) -> String {
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn oci_and_tar_outputs_are_reproducible_layered_and_accepted_by_skopeo_and_umoci() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let env = Env {
+        store: work.path().join("store"),
+        target: work.path().join("target"),
+    };
+    let tarball = support::minbase_tarball();
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "import",
+            "debian/bookworm",
+            tarball.to_str().expect("utf-8"),
+        ],
+    );
+    let ws = work.path().join("ws");
+    write(
+        &ws.join("Cargo.toml"),
+        "[package]\nname = \"x\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    );
+    write(&ws.join("src/lib.rs"), "");
+    write(&ws.join("etc/motd"), "hello from the appliance\n");
+    write(
+        &ws.join("appliance.kdl"),
+        r#"appliance "small" {
+    base "debian/bookworm"
+    copy "etc/motd" to="/etc/motd" mode=0o644
+    user "svc" system=#true
+    hostname "small"
+    output "tar"
+    output "oci" tag="small:1.0" user="svc" workdir="/" {
+        entrypoint "/bin/sh" "-c"
+        cmd "cat /etc/motd"
+        env "GREETING" "hi"
+        expose 8080
+    }
+}
+appliance "smaller" {
+    base appliance="small"
+    hostname "smaller"
+    output "oci" tag="smaller:latest"
+}
+"#,
+    );
+    let build = |epoch: &str| {
+        let output = binary()
+            .current_dir(&ws)
+            .arg("--store")
+            .arg(&env.store)
+            .arg("build")
+            .env("CARGO_TARGET_DIR", &env.target)
+            .env("SOURCE_DATE_EPOCH", epoch)
+            .output()
+            .expect("runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    build("1700000000");
+    let out = env.target.join("appliance");
+    let files = [
+        out.join("small/small.tar.zst"),
+        out.join("small/small.oci.tar"),
+        out.join("smaller/smaller.oci.tar"),
+    ];
+    let first: Vec<String> = files.iter().map(|f| sha256_of(f)).collect();
+    // Same store, same lock: written again from nothing, the outputs are the same bytes.
+    std::fs::remove_dir_all(&out).expect("rm outputs");
+    build("1700000000");
+    let second: Vec<String> = files.iter().map(|f| sha256_of(f)).collect();
+    assert_eq!(first, second);
+    assert!(first.iter().all(|h| h.len() == 64));
+
+    // skopeo reads both the layout and the archive.
+    let layout = out.join("small/small.oci");
+    let inspect = |reference: String| -> serde_json::Value {
+        let output = Command::new("skopeo")
+            .args(["inspect", "--config"])
+            .arg(&reference)
+            .output()
+            .expect("skopeo runs (installed by .ci/install-deps)");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("json")
+    };
+    let config = inspect(format!("oci:{}:1.0", layout.display()));
+    assert_eq!(config["os"], "linux");
+    assert_eq!(config["architecture"], "amd64");
+    assert_eq!(config["created"], "2023-11-14T22:13:20Z");
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/bin/sh", "-c"])
+    );
+    assert_eq!(
+        config["config"]["Cmd"],
+        serde_json::json!(["cat /etc/motd"])
+    );
+    assert_eq!(config["config"]["User"], "svc");
+    assert!(config["config"]["ExposedPorts"].get("8080/tcp").is_some());
+    assert!(
+        config["config"]["Env"]
+            .as_array()
+            .expect("env")
+            .contains(&serde_json::json!("GREETING=hi"))
+    );
+    // One layer per lineage step: the base, then the appliance (no package step here).
+    assert_eq!(
+        config["rootfs"]["diff_ids"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let archived = inspect(format!(
+        "oci-archive:{}:1.0",
+        out.join("small/small.oci.tar").display()
+    ));
+    assert_eq!(archived["rootfs"], config["rootfs"]);
+    // The derived appliance shares its parent's layers and adds its own.
+    let smaller = inspect(format!(
+        "oci:{}:latest",
+        out.join("smaller/smaller.oci").display()
+    ));
+    let small_layers = config["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("layers")
+        .clone();
+    let smaller_layers = smaller["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("layers")
+        .clone();
+    assert_eq!(smaller_layers.len(), 3);
+    assert_eq!(smaller_layers[..2], small_layers[..]);
+
+    // umoci unpacks it, and the tree equals the stored image.
+    let bundle = work.path().join("bundle");
+    let unpack = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:1.0", layout.display()))
+        .arg(&bundle)
+        .output()
+        .expect("umoci runs (installed by .ci/install-deps)");
+    assert!(
+        unpack.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unpack.stderr)
+    );
+    let exported = work.path().join("exported");
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "export",
+            "small",
+            "-o",
+            exported.to_str().expect("utf-8"),
+        ],
+    );
+    let unpacked = tree_listing(&bundle.join("rootfs"));
+    let stored = tree_listing(&exported);
+    assert!(stored.len() > 5000);
+    let missing: Vec<_> = stored
+        .iter()
+        .filter(|l| !unpacked.contains(l))
+        .take(10)
+        .collect();
+    let extra: Vec<_> = unpacked
+        .iter()
+        .filter(|l| !stored.contains(l))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}\nextra {extra:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/etc/motd")).expect("motd"),
+        "hello from the appliance\n"
+    );
+}

@@ -266,7 +266,7 @@ impl Context<'_> {
         ));
 
         // Packages.
-        let wish = PackageWish {
+        let mut wish = PackageWish {
             wanted: appliance
                 .packages
                 .iter()
@@ -275,6 +275,11 @@ impl Context<'_> {
             removed: appliance.remove.iter().map(|p| p.value.clone()).collect(),
             recommends: appliance.packages.iter().any(|p| p.recommends),
         };
+        if is_bootable(appliance) {
+            wish.wanted.extend(crate::output::disk::boot_packages(
+                appliance.kernel.as_ref().map(|k| k.value.as_str()),
+            ));
+        }
         if self.options.locked {
             let base_changed = lock_entry.base.is_some() && lock_entry.base != locked.base;
             let packages_changed = !wish.is_empty()
@@ -759,42 +764,60 @@ impl Context<'_> {
             .target_dir
             .join("appliance")
             .join(&appliance.name.value);
+        let chain = self.lineage(image);
+        let cmdline: Vec<String> = appliance
+            .kernel_cmdline
+            .iter()
+            .map(|w| w.value.clone())
+            .collect();
         let mut written = Vec::new();
         for output in &appliance.outputs {
-            let base_name = output
-                .name
-                .clone()
-                .unwrap_or_else(|| appliance.name.value.clone());
-            match output.format.value.as_str() {
-                "tar" => {
-                    fs_err::create_dir_all(&dir)?;
-                    let path = dir.join(format!("{base_name}.tar.zst"));
-                    let stamp_path = dir.join(format!(".{base_name}.tar.zst.stamp"));
-                    let stamp = format!(
-                        "{} {:?}",
-                        image.tree_digest,
-                        crate::store::export::source_date_epoch()
-                    );
-                    let unchanged = path.is_file()
-                        && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp);
-                    if !unchanged {
-                        let spinner = self
-                            .reporter
-                            .spinner(&format!("writing {}", path.display()));
-                        let tree = self.store.tree(image)?;
-                        crate::store::export::export(&tree, &self.store.objects(), &path)?;
-                        fs_err::write(&stamp_path, &stamp)?;
-                        spinner.finish_and_clear();
-                    }
-                    written.push(path);
-                }
-                other => self.reporter.warn(&format!(
-                    "{}: the `{other}` output is not written yet by this version (only `tar`)",
-                    appliance.name.value
-                )),
-            }
+            let Some(format) = crate::output::Format::parse(&output.format.value) else {
+                self.reporter.warn(&format!(
+                    "{}: the `{}` output is not known to this version",
+                    appliance.name.value, output.format.value
+                ));
+                continue;
+            };
+            let spinner = self
+                .reporter
+                .spinner(&format!("writing the {} output", output.format.value));
+            let request = crate::output::Request {
+                store: self.store,
+                appliance: &appliance.name.value,
+                chain: &chain,
+                output,
+                dir: &dir,
+                kernel_cmdline: &cmdline,
+            };
+            let result = crate::output::write(format, &request);
+            spinner.finish_and_clear();
+            let (files, _reused) = result.map_err(|e| {
+                BuildError::Other(e.context(format!(
+                    "writing the `{}` output of `{}`",
+                    output.format.value, appliance.name.value
+                )))
+            })?;
+            written.extend(files);
         }
         Ok(written)
+    }
+
+    /// The image and its ancestors, root first.
+    fn lineage(&self, image: &ImageRecord) -> Vec<ImageRecord> {
+        let mut chain = vec![image.clone()];
+        while let Some(parent) = chain
+            .last()
+            .and_then(|i| i.parent)
+            .and_then(|id| self.images.iter().find(|i| i.id == id))
+        {
+            if chain.len() > self.images.len() {
+                break;
+            }
+            chain.push(parent.clone());
+        }
+        chain.reverse();
+        chain
     }
 }
 
@@ -840,6 +863,7 @@ fn appliance_key(
         "copies": copies,
         "binaries": binaries.iter().map(|(to, mode, a)| json!([to, mode, a.digest])).collect::<Vec<_>>(),
         "scripts": scripts.iter().map(|(_, s)| s).collect::<Vec<_>>(),
+        "bootable": is_bootable(appliance),
     });
     let mut hasher = Sha256::new();
     hasher.update(inputs.to_string());
@@ -847,7 +871,7 @@ fn appliance_key(
 }
 
 /// `{value, span}` → value; `span` fields dropped: moving a node does not change the build.
-fn strip_spans(value: &mut serde_json::Value) {
+pub(crate) fn strip_spans(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Object(map) => {
             if map.len() == 2 && map.contains_key("span") && map.contains_key("value") {
@@ -1000,9 +1024,38 @@ fn apply(
     Ok(())
 }
 
+/// Whether the appliance has a disk output, which needs a kernel, an init and a network.
+fn is_bootable(appliance: &Appliance) -> bool {
+    appliance.outputs.iter().any(|o| {
+        crate::output::Format::parse(&o.format.value)
+            .is_some_and(crate::output::Format::is_bootable)
+    })
+}
+
+/// What a booting appliance needs beyond its packages: DHCP on the first Ethernet link by
+/// systemd-networkd (QEMU's user network answers it).
+fn configure_boot(editor: &mut TreeEditor) -> anyhow::Result<()> {
+    let network = "/etc/systemd/network/80-appliance-dhcp.network";
+    if !editor.exists(network) {
+        editor.mkdir("/etc/systemd/network", 0o755, 0, 0)?;
+        editor.write(
+            network,
+            &b"# Written by cargo-appliance for disk outputs.\n[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n"[..],
+            0o644,
+            0,
+            0,
+        )?;
+    }
+    systemd::enable(editor, "systemd-networkd.service")?;
+    Ok(())
+}
+
 /// Hostname, time zone, locale, environment and kernel command line.
 fn configure_system(editor: &mut TreeEditor, site: &Site<'_>) -> Result<(), BuildError> {
     let appliance = site.appliance;
+    if is_bootable(appliance) {
+        configure_boot(editor).context("configuring the network of the disk image")?;
+    }
     if let Some(hostname) = &appliance.hostname {
         editor.rewrite(
             "/etc/hostname",

@@ -199,6 +199,7 @@ pub fn execute(
             .spinner(&format!("materializing {}", start.reference()));
         let tree = store.tree(start)?;
         crate::store::export::export_directory(&tree, &store.objects(), &root)?;
+        let known = crate::store::import::KnownContent::record(&root, &tree)?;
         spinner.finish_and_clear();
         exec.reporter.explain(&format!(
             "materialized {} in {:.2}s",
@@ -246,10 +247,11 @@ pub fn execute(
         let phase = std::time::Instant::now();
         let spinner = exec.reporter.spinner("storing the package image");
         let mut import_staging = store.staging()?;
-        let imported = crate::store::import::import_directory(
+        let imported = crate::store::import::import_directory_with(
             &root,
             &mut import_staging,
             crate::store::import::Limits::default(),
+            Some(&known),
         )?;
         let record = store.commit_tree(
             &NewTree {

@@ -139,10 +139,17 @@ pub fn write_tar(
                     .digest
                     .as_deref()
                     .with_context(|| format!("{path} has no content digest"))?;
-                let reader = objects.open(digest).with_context(context)?;
-                builder
-                    .append_data(&mut header, &name, reader)
-                    .with_context(context)?;
+                if entry.size == 0 {
+                    // Empty content needs no object (OCI whiteouts are empty files).
+                    builder
+                        .append_data(&mut header, &name, io::empty())
+                        .with_context(context)?;
+                } else {
+                    let reader = objects.open(digest).with_context(context)?;
+                    builder
+                        .append_data(&mut header, &name, reader)
+                        .with_context(context)?;
+                }
             }
             EntryKind::Dir => {
                 header.set_entry_type(tar::EntryType::Directory);

@@ -345,12 +345,63 @@ fn checked_link(target: &str) -> anyhow::Result<String> {
     Ok(target.to_owned())
 }
 
+/// Files of a directory whose content is already stored, by inode: what was materialized
+/// from the store for work (an apt run). A file whose inode, size and change time are
+/// unchanged has the recorded content and is not read again; anything that wrote to it (or
+/// replaced it) changed its ctime or inode.
+#[derive(Debug, Default)]
+pub struct KnownContent {
+    files: HashMap<(u64, u64), (u64, i64, i64, String)>,
+}
+
+impl KnownContent {
+    /// Record the files of `tree` as materialized under `root`.
+    pub fn record(root: &Path, tree: &Tree) -> anyhow::Result<Self> {
+        let mut files = HashMap::new();
+        for (path, entry) in tree.entries() {
+            if entry.kind != EntryKind::File {
+                continue;
+            }
+            let Some(digest) = &entry.digest else {
+                continue;
+            };
+            let meta = fs_err::symlink_metadata(root.join(path))?;
+            files.insert(
+                (meta.dev(), meta.ino()),
+                (meta.len(), meta.ctime(), meta.ctime_nsec(), digest.clone()),
+            );
+        }
+        // File times come from a coarse clock (a jiffy, up to 10 ms): a write within the tick
+        // of the recording would keep the recorded ctime. Wait the tick out, so that every
+        // later write shows.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        Ok(Self { files })
+    }
+
+    fn digest_of(&self, meta: &std::fs::Metadata) -> Option<&str> {
+        let (size, ctime, ctime_nsec, digest) = self.files.get(&(meta.dev(), meta.ino()))?;
+        (*size == meta.len() && *ctime == meta.ctime() && *ctime_nsec == meta.ctime_nsec())
+            .then_some(digest.as_str())
+    }
+}
+
 /// Import a directory tree as it is on disk: lstat metadata, symlinks not followed, hard
 /// links detected by inode, xattrs read where the filesystem has them.
 pub fn import_directory(
     root: &Path,
     staging: &mut Staging,
     limits: Limits,
+) -> anyhow::Result<Imported> {
+    import_directory_with(root, staging, limits, None)
+}
+
+/// [`import_directory`], trusting `known` for the content of files it vouches for (their
+/// objects are stored: they were materialized from them).
+pub fn import_directory_with(
+    root: &Path,
+    staging: &mut Staging,
+    limits: Limits,
+    known: Option<&KnownContent>,
 ) -> anyhow::Result<Imported> {
     let mut builder = Builder::new(staging, limits);
     let root_meta = fs_err::symlink_metadata(root)?;
@@ -386,9 +437,18 @@ pub fn import_directory(
                     builder.add(&path, entry).with_context(context)?;
                     continue;
                 }
-                let entry = entry_from_metadata(&full, &meta, EntryKind::File)?;
-                let file = fs_err::File::open(&full)?;
-                builder.add_file(&path, entry, file).with_context(context)?;
+                let mut entry = entry_from_metadata(&full, &meta, EntryKind::File)?;
+                match known.and_then(|k| k.digest_of(&meta)) {
+                    Some(digest) if path != STATUS_PATH => {
+                        entry.size = meta.len();
+                        entry.digest = Some(digest.to_owned());
+                        builder.add(&path, entry).with_context(context)?;
+                    }
+                    _ => {
+                        let file = fs_err::File::open(&full)?;
+                        builder.add_file(&path, entry, file).with_context(context)?;
+                    }
+                }
                 if meta.nlink() > 1 {
                     inodes.insert(key, path);
                 }
@@ -631,4 +691,42 @@ fn pick_manifest(layout: &Path, index: &serde_json::Value) -> anyhow::Result<ser
             .context("nested index lists no manifests");
     }
     Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::objects::Objects;
+
+    #[test]
+    fn known_content_is_trusted_only_while_the_file_is_untouched() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("root");
+        fs_err::create_dir_all(&root).expect("mkdir");
+        fs_err::write(root.join("kept"), "one").expect("write");
+        fs_err::write(root.join("edited"), "two").expect("write");
+        fs_err::write(root.join("replaced"), "six").expect("write");
+        let objects = Objects::new(dir.path().join("objects"));
+        let mut staging = Staging::new(dir.path().join("s1"), objects.clone()).expect("staging");
+        let first = import_directory(&root, &mut staging, Limits::default()).expect("import");
+        let known = KnownContent::record(&root, &first.tree).expect("record");
+        // Same size, same inode, new content; and a new inode under an old name.
+        fs_err::write(root.join("edited"), "TWO").expect("write");
+        fs_err::write(root.join("new"), "SIX").expect("write");
+        fs_err::rename(root.join("new"), root.join("replaced")).expect("rename");
+        let mut staging = Staging::new(dir.path().join("s2"), objects).expect("staging");
+        let second = import_directory_with(&root, &mut staging, Limits::default(), Some(&known))
+            .expect("import");
+        let digest = |imported: &Imported, path: &str| {
+            imported
+                .tree
+                .get(path)
+                .and_then(|e| e.digest.clone())
+                .expect("digest")
+        };
+        let sha = |text: &str| hex(&Sha256::digest(text.as_bytes()));
+        assert_eq!(digest(&second, "kept"), digest(&first, "kept"));
+        assert_eq!(digest(&second, "edited"), sha("TWO"));
+        assert_eq!(digest(&second, "replaced"), sha("SIX"));
+    }
 }

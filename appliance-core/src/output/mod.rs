@@ -1,0 +1,179 @@
+//! Output writers, one registry of formats: each writes from the stored tree into
+//! `<target>/appliance/<appliance>/`, and an unchanged image with unchanged options reuses the
+//! previous output (a stamp file beside it records what it was written from).
+
+pub mod disk;
+pub mod oci;
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::manifest::model::{Output, Protocol};
+use crate::store::tree::hex;
+use crate::store::{ImageRecord, Store};
+
+/// A format the build can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Tar,
+    Oci,
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "tar" => Some(Format::Tar),
+            "oci" => Some(Format::Oci),
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+
+    /// Whether the format is a disk that boots (the build then installs a kernel).
+    pub fn is_bootable(self) -> bool {
+        matches!(self, Format::Raw | Format::Qcow2)
+    }
+}
+
+/// What a writer needs: the image, its lineage (root first, the image last) and the node.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub store: &'a Store,
+    pub appliance: &'a str,
+    pub chain: &'a [ImageRecord],
+    pub output: &'a Output,
+    pub dir: &'a Path,
+    /// The manifest's `kernel-cmdline` words, for disk outputs.
+    pub kernel_cmdline: &'a [String],
+}
+
+impl Request<'_> {
+    fn image(&self) -> anyhow::Result<&ImageRecord> {
+        self.chain
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("an output without an image"))
+    }
+
+    fn base_name(&self) -> String {
+        self.output
+            .name
+            .clone()
+            .unwrap_or_else(|| self.appliance.to_owned())
+    }
+
+    /// A stamp of everything the output depends on.
+    fn stamp(&self, format: &str) -> anyhow::Result<String> {
+        let mut hasher = Sha256::new();
+        hasher.update(format!(
+            "{format} v1 {:?}\n",
+            crate::store::export::source_date_epoch()
+        ));
+        for image in self.chain {
+            hasher.update(format!("{}\n", image.tree_digest));
+        }
+        let mut node = serde_json::to_value(self.output)?;
+        crate::build::strip_spans(&mut node);
+        hasher.update(node.to_string());
+        hasher.update(self.kernel_cmdline.join(" "));
+        Ok(hex(&hasher.finalize()))
+    }
+}
+
+/// Write (or reuse) one output; returns the files it consists of.
+pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<(Vec<PathBuf>, bool)> {
+    fs_err::create_dir_all(request.dir)?;
+    let name = request.base_name();
+    let (files, label) = match format {
+        Format::Tar => (vec![request.dir.join(format!("{name}.tar.zst"))], "tar"),
+        Format::Oci => (
+            vec![
+                request.dir.join(format!("{name}.oci")),
+                request.dir.join(format!("{name}.oci.tar")),
+            ],
+            "oci",
+        ),
+        Format::Raw => (vec![disk::disk_path(request.dir, &name, "raw")], "raw"),
+        Format::Qcow2 => (vec![disk::disk_path(request.dir, &name, "qcow2")], "qcow2"),
+    };
+    let stamp_path = request.dir.join(format!(".{name}.{label}.stamp"));
+    let stamp = request.stamp(label)?;
+    if files.iter().all(|f| f.exists())
+        && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
+    {
+        return Ok((files, true));
+    }
+    // A stale stamp must not vouch for a half-written output.
+    let _ = std::fs::remove_file(&stamp_path);
+    let image = request.image()?;
+    match format {
+        Format::Tar => {
+            let tree = request.store.tree(image)?;
+            crate::store::export::export(&tree, &request.store.objects(), &files[0])?;
+        }
+        Format::Oci => {
+            let output = request.output;
+            let config = oci::OciConfig {
+                tag: output
+                    .tag
+                    .clone()
+                    .unwrap_or_else(|| format!("{}:latest", request.appliance)),
+                entrypoint: output.entrypoint.clone(),
+                cmd: output.cmd.clone(),
+                env: output.env.clone(),
+                user: output.user.clone(),
+                workdir: output.workdir.clone(),
+                exposed: output
+                    .expose
+                    .iter()
+                    .map(|(port, protocol)| {
+                        format!(
+                            "{port}/{}",
+                            match protocol {
+                                Protocol::Tcp => "tcp",
+                                Protocol::Udp => "udp",
+                            }
+                        )
+                    })
+                    .collect(),
+            };
+            let created = crate::store::export::source_date_epoch()
+                .map_or(image.created_at, |epoch| image.created_at.min(epoch));
+            oci::write(
+                request.store,
+                request.chain,
+                &config,
+                created,
+                &files[0],
+                &files[1],
+            )?;
+        }
+        Format::Raw => {
+            disk::write_raw(
+                request.store,
+                image,
+                request.kernel_cmdline,
+                request.output.size,
+                &files[0],
+            )?;
+        }
+        Format::Qcow2 => {
+            let raw = request.dir.join(format!(".{name}.qcow2-source.raw"));
+            let written = disk::write_raw(
+                request.store,
+                image,
+                request.kernel_cmdline,
+                request.output.size,
+                &raw,
+            )
+            .and_then(|_| disk::write_qcow2(&raw, &files[0]));
+            let _ = std::fs::remove_file(&raw);
+            written?;
+        }
+    }
+    fs_err::write(&stamp_path, &stamp)?;
+    Ok((files, false))
+}

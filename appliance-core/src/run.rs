@@ -1,0 +1,263 @@
+//! `cargo appliance run`: the test drive. Boots a disk output under QEMU with UEFI firmware
+//! (OVMF), the serial console on the terminal and the manifest's `forward` ports on loopback.
+//! KVM when `/dev/kvm` is usable; when KVM fails under the firmware (it does on some hosts:
+//! "KVM internal error … emulation failure"), the VM is restarted under TCG. The disk is
+//! opened with `-snapshot`: a test drive never changes the build's output.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::manifest::model::{Forward, Protocol};
+
+/// Firmware pairs (code, variables template), newest layout first.
+const FIRMWARE: &[(&str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
+];
+
+/// What stderr says when KVM cannot run the firmware.
+const KVM_FAILURES: &[&str] = &[
+    "KVM internal error",
+    "emulation failure",
+    "failed to initialize kvm",
+    "Could not access KVM kernel module",
+];
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub disk: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    pub forwards: Vec<Forward>,
+    pub kvm: bool,
+    pub timeout: Option<Duration>,
+    pub memory_mib: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub accel: Accel,
+    /// The VM powered off (rather than the timeout ending it).
+    pub powered_off: bool,
+    pub exit_code: Option<i32>,
+}
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn firmware() -> anyhow::Result<(PathBuf, PathBuf)> {
+    FIRMWARE
+        .iter()
+        .map(|(code, vars)| (PathBuf::from(code), PathBuf::from(vars)))
+        .find(|(code, vars)| code.is_file() && vars.is_file())
+        .context("no OVMF firmware in /usr/share/OVMF (Debian package ovmf; `.ci/install-deps` installs it)")
+}
+
+fn qemu_command(options: &RunOptions, accel: Accel, vars: &Path, code: &Path) -> Command {
+    let mut command = Command::new("qemu-system-x86_64");
+    command.args(["-machine", "q35", "-nographic", "-no-reboot", "-snapshot"]);
+    command.args(["-m", &options.memory_mib.to_string(), "-smp", "2"]);
+    match accel {
+        Accel::Kvm => command.args(["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => command.args(["-accel", "tcg", "-cpu", "max"]),
+    };
+    command
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            code.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=virtio,format={},file={}",
+            options.format,
+            options.disk.display()
+        ));
+    let mut netdev = "user,id=net0".to_owned();
+    for forward in &options.forwards {
+        let protocol = match forward.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        netdev.push_str(&format!(
+            ",hostfwd={protocol}:127.0.0.1:{}-:{}",
+            forward.host, forward.guest
+        ));
+    }
+    command
+        .args(["-netdev", &netdev])
+        .args(["-device", "virtio-net-pci,netdev=net0"]);
+    command
+}
+
+enum Event {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+fn pump(mut reader: impl Read + Send + 'static, sender: mpsc::Sender<Event>, is_stdout: bool) {
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            let chunk = buffer[..n].to_vec();
+            let event = if is_stdout {
+                Event::Stdout(chunk)
+            } else {
+                Event::Stderr(chunk)
+            };
+            if sender.send(event).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+enum Attempt {
+    Finished(RunOutcome),
+    KvmFailed(String),
+}
+
+fn attempt(
+    options: &RunOptions,
+    accel: Accel,
+    deadline: Option<Instant>,
+) -> anyhow::Result<Attempt> {
+    let (code, vars_template) = firmware()?;
+    let vars = tempfile::NamedTempFile::new()?;
+    fs_err::copy(&vars_template, vars.path())?;
+    let mut child: Child = qemu_command(options, accel, vars.path(), &code)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+    let (sender, receiver) = mpsc::channel();
+    pump(
+        child.stdout.take().context("qemu stdout")?,
+        sender.clone(),
+        true,
+    );
+    pump(child.stderr.take().context("qemu stderr")?, sender, false);
+    let mut stderr_text = String::new();
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    loop {
+        match receiver.recv_timeout(Duration::from_millis(200)) {
+            Ok(Event::Stdout(chunk)) => {
+                let _ = stdout.write_all(&chunk);
+                let _ = stdout.flush();
+            }
+            Ok(Event::Stderr(chunk)) => {
+                let text = String::from_utf8_lossy(&chunk);
+                stderr_text.push_str(&text);
+                if accel == Accel::Kvm && KVM_FAILURES.iter().any(|m| stderr_text.contains(m)) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(Attempt::KvmFailed(stderr_text));
+                }
+                let _ = stderr.write_all(&chunk);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait()?;
+                return Ok(Attempt::Finished(RunOutcome {
+                    accel,
+                    powered_off: true,
+                    exit_code: status.code(),
+                }));
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            // Drain what is left, then report.
+            while let Ok(event) = receiver.recv_timeout(Duration::from_millis(50)) {
+                if let Event::Stdout(chunk) = event {
+                    let _ = stdout.write_all(&chunk);
+                }
+            }
+            if accel == Accel::Kvm && KVM_FAILURES.iter().any(|m| stderr_text.contains(m)) {
+                return Ok(Attempt::KvmFailed(stderr_text));
+            }
+            return Ok(Attempt::Finished(RunOutcome {
+                accel,
+                powered_off: true,
+                exit_code: status.code(),
+            }));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(Attempt::Finished(RunOutcome {
+                accel,
+                powered_off: false,
+                exit_code: None,
+            }));
+        }
+    }
+}
+
+/// Boot the disk; returns when the VM powers off or the timeout ends it.
+pub fn run(options: &RunOptions, mut note: impl FnMut(&str)) -> anyhow::Result<RunOutcome> {
+    if !crate::process::available("qemu-system-x86_64") {
+        bail!("`qemu-system-x86_64` is missing (Debian package qemu-system-x86)");
+    }
+    let deadline = options.timeout.map(|t| Instant::now() + t);
+    let mut accel = if options.kvm && kvm_usable() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    loop {
+        note(&format!(
+            "booting {} under {}",
+            options.disk.display(),
+            match accel {
+                Accel::Kvm => "KVM",
+                Accel::Tcg => "TCG (no KVM: slower)",
+            }
+        ));
+        match attempt(options, accel, deadline)? {
+            Attempt::Finished(outcome) => return Ok(outcome),
+            Attempt::KvmFailed(why) if accel == Accel::Kvm => {
+                let first = why
+                    .lines()
+                    .find(|l| KVM_FAILURES.iter().any(|m| l.contains(m)));
+                note(&format!(
+                    "KVM failed ({}); restarting under TCG",
+                    first.unwrap_or("unknown error").trim()
+                ));
+                accel = Accel::Tcg;
+            }
+            Attempt::KvmFailed(why) => bail!("qemu failed: {why}"),
+        }
+    }
+}
