@@ -162,7 +162,7 @@ pub enum ImageCommand {
         #[arg(long, value_name = "IMAGE")]
         parent: Option<String>,
     },
-    /// Export an image to a directory, .tar or .tar.zst (chosen by the name)
+    /// Export an image to a directory, .tar, .tar.zst, or a bootable .raw/.qcow2 disk (chosen by the name)
     Export {
         /// NAME, NAME@VERSION or a digest prefix
         image: String,
@@ -687,8 +687,15 @@ fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     )?;
     if !outcome.powered_off {
         reporter.status("Stopped", "the timeout ended the VM");
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(ExitCode::SUCCESS)
+    match outcome.exit_code {
+        Some(0) => {
+            reporter.status("Finished", "the VM powered off");
+            Ok(ExitCode::SUCCESS)
+        }
+        code => anyhow::bail!("qemu exited with {code:?}"),
+    }
 }
 
 fn run_update(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {

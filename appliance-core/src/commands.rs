@@ -130,6 +130,14 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
+        Command::Image(ImageCommand::Export { image, output })
+            if matches!(
+                output.extension().and_then(|e| e.to_str()),
+                Some("raw" | "qcow2")
+            ) =>
+        {
+            export_disk(global, &store, image, output)?;
+        }
         Command::Image(ImageCommand::Export { image, output }) => {
             let report = store.export(image, output)?;
             if json {
@@ -380,4 +388,47 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `image export IMAGE -o disk.raw|disk.qcow2`: the disk writer of the build's outputs, for
+/// an image that has a kernel, an init and systemd-boot.
+fn export_disk(
+    global: &GlobalArgs,
+    store: &Store,
+    reference: &str,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    let image = {
+        let catalog = store.read_catalog()?;
+        store.resolve(&catalog, reference)?
+    };
+    let qcow2 = output.extension().is_some_and(|e| e == "qcow2");
+    let raw = if qcow2 {
+        output.with_extension("raw.partial")
+    } else {
+        output.to_path_buf()
+    };
+    let layout = crate::output::disk::write_raw(store, &image, &[], None, &raw);
+    let result = layout.and_then(|layout| {
+        if qcow2 {
+            crate::output::disk::write_qcow2(&raw, output)?;
+        }
+        Ok(layout)
+    });
+    if qcow2 {
+        let _ = std::fs::remove_file(&raw);
+    }
+    let layout = result?;
+    status(
+        global,
+        "Exported",
+        &format!(
+            "{} to {} ({} disk, root UUID {})",
+            image.reference(),
+            output.display(),
+            human_bytes(layout.size as i64),
+            layout.root_uuid
+        ),
+    );
+    Ok(())
 }

@@ -190,6 +190,9 @@ fn attempt(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait()?;
+                if accel == Accel::Kvm && !status.success() {
+                    return Ok(Attempt::KvmFailed(stderr_text));
+                }
                 return Ok(Attempt::Finished(RunOutcome {
                     accel,
                     powered_off: true,
@@ -204,7 +207,10 @@ fn attempt(
                     let _ = stdout.write_all(&chunk);
                 }
             }
-            if accel == Accel::Kvm && KVM_FAILURES.iter().any(|m| stderr_text.contains(m)) {
+            // Under KVM, QEMU dying (rather than the guest powering off) is KVM failing.
+            if accel == Accel::Kvm
+                && (!status.success() || KVM_FAILURES.iter().any(|m| stderr_text.contains(m)))
+            {
                 return Ok(Attempt::KvmFailed(stderr_text));
             }
             return Ok(Attempt::Finished(RunOutcome {

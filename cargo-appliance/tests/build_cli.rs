@@ -83,6 +83,12 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
 }
 
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).expect("read");
+    assert!(text.contains(from), "{} has no {from:?}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).expect("write");
+}
+
 fn dpkg_state(status: &str, package: &str) -> Option<String> {
     status.split("\n\n").find_map(|stanza| {
         let name = stanza.lines().find_map(|l| l.strip_prefix("Package: "))?;
@@ -108,6 +114,12 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
     };
     let workspace = work.path().join("demo");
     copy_workspace(&demo(), &workspace);
+    // The disk output (a kernel, a boot loader) is the boot test's business.
+    edit(
+        &workspace.join("appliance.kdl"),
+        "    output \"qcow2\" size=\"2G\"\n",
+        "",
+    );
 
     // Without a base in the store, the diagnostic points at the `base` node and says how.
     let output = env.command(&workspace, &["build", "-a", "web"]);
@@ -698,4 +710,199 @@ appliance "smaller" {
         std::fs::read_to_string(bundle.join("rootfs/etc/motd")).expect("motd"),
         "hello from the appliance\n"
     );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn http_get(port: u16) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+#[test]
+fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port() {
+    if !is_root() {
+        panic!("the boot test needs root for the package step's chroot (see README)");
+    }
+    let work = tempfile::tempdir().expect("temp dir");
+    let env = Env {
+        store: work.path().join("store"),
+        target: work.path().join("target"),
+    };
+    let tarball = support::minbase_tarball();
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "import",
+            "debian/bookworm",
+            tarball.to_str().expect("utf-8"),
+        ],
+    );
+    let workspace = work.path().join("demo");
+    copy_workspace(&demo(), &workspace);
+    let port = free_port();
+    edit(
+        &workspace.join("appliance.kdl"),
+        "forward host=8080 guest=80",
+        &format!("forward host={port} guest=80"),
+    );
+    env.ok(&workspace, &["build", "-a", "web"]);
+
+    // The tools users run on disks accept it.
+    let qcow2 = env.target.join("appliance/web/web.qcow2");
+    let check = Command::new("qemu-img")
+        .arg("check")
+        .arg(&qcow2)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let raw = work.path().join("disk.raw");
+    let convert = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&qcow2)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
+    assert!(convert.success());
+    let dump = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&raw)
+        .output()
+        .expect("sfdisk");
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(dump.contains("label: gpt"), "{dump}");
+    let partitions: Vec<&str> = dump.lines().filter(|l| l.contains("start=")).collect();
+    assert_eq!(partitions.len(), 2, "{dump}");
+    assert!(
+        partitions[0].contains("type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+        "{dump}"
+    );
+    assert!(
+        partitions[1].contains("type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+        "{dump}"
+    );
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(',')
+            .find_map(|f| f.split_once('=').filter(|(k, _)| k.trim().ends_with(name)))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .expect("a number")
+    };
+    let root_fs = work.path().join("root.ext4");
+    let extract = Command::new("dd")
+        .arg(format!("if={}", raw.display()))
+        .arg(format!("of={}", root_fs.display()))
+        .args(["bs=512", "conv=sparse", "status=none"])
+        .arg(format!("skip={}", field(partitions[1], "start")))
+        .arg(format!("count={}", field(partitions[1], "size")))
+        .status()
+        .expect("dd");
+    assert!(extract.success());
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&root_fs)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+
+    // Boot it: KVM when it works here, TCG otherwise; a login prompt on the serial console,
+    // then nginx's page through the forwarded port.
+    use std::os::unix::process::CommandExt as _;
+    let mut vm = binary()
+        .current_dir(&workspace)
+        .arg("--store")
+        .arg(&env.store)
+        .args(["run", "-a", "web", "--timeout", "600"])
+        .env("CARGO_TARGET_DIR", &env.target)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("run starts");
+    let group = vm.id();
+    let stdout = vm.stdout.take().expect("stdout");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read as _;
+        // Chunks, not lines: the login prompt ends without a newline.
+        let mut stdout = stdout;
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buffer) {
+            if n == 0
+                || sender
+                    .send(String::from_utf8_lossy(&buffer[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let mut console = String::new();
+    let mut logged_in_prompt = false;
+    while std::time::Instant::now() < deadline {
+        match receiver.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(chunk) => {
+                console.push_str(&chunk);
+                if console.contains("web login:") {
+                    logged_in_prompt = true;
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let mut page = None;
+    if logged_in_prompt {
+        for _ in 0..30 {
+            if let Some(response) = http_get(port).filter(|r| r.contains("200 OK")) {
+                page = Some(response);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .status();
+    let _ = vm.wait();
+    let tail: String = console
+        .chars()
+        .rev()
+        .take(3000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    assert!(
+        logged_in_prompt,
+        "no login prompt on the serial console:\n{tail}"
+    );
+    let page = page.expect("nginx answered through the forwarded port");
+    assert!(page.contains("It works"), "{page}");
 }

@@ -83,7 +83,12 @@ pub fn workspace_stamp(workspace: &Workspace) -> String {
     let walker = ignore::WalkBuilder::new(&workspace.root)
         .hidden(false)
         .require_git(false)
-        .filter_entry(move |e| e.path() != target && e.file_name() != ".git")
+        // Appliance.lock is written by the build itself; it is not a source of any binary.
+        .filter_entry(move |e| {
+            e.path() != target
+                && e.file_name() != ".git"
+                && e.file_name() != super::lockfile::FILE_NAME
+        })
         .build();
     for entry in walker.flatten() {
         if let Ok(meta) = entry.metadata()

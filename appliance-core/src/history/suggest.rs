@@ -92,6 +92,18 @@ pub fn known_changes(appliance: &Appliance) -> Vec<(Change, Span)> {
     known
 }
 
+/// Whether a file change is already made by a `copy` into a directory (a glob or a whole
+/// directory: the manifest does not name each file, the destination covers them).
+fn covered_by_copies(appliance: &Appliance, change: &Change) -> bool {
+    if !matches!(change.kind.as_str(), "file-added" | "config-changed") {
+        return false;
+    }
+    appliance.copies.iter().any(|copy| {
+        let to = &copy.to.value;
+        (to.ends_with('/') && change.subject.starts_with(to.as_str())) || &change.subject == to
+    })
+}
+
 /// The stored-image base an appliance ends at, following `base appliance=` chains, and the
 /// changes of the appliances on the way (an appliance has what its base appliance has).
 fn resolve_base<'a>(
@@ -303,7 +315,9 @@ fn compute(
             if rank >= limit {
                 break;
             }
-            if ignored.contains(&scored.change.key().as_str()) {
+            if ignored.contains(&scored.change.key().as_str())
+                || covered_by_copies(appliance, &scored.change)
+            {
                 continue;
             }
             let evidence = evidence(conn, &scope_pattern, &scored.change, &known)?;
