@@ -227,6 +227,35 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
     assert_eq!(show["parent_reference"], "web/packages@1");
     let packages_image = env.json(&["image", "show", "web/packages"]);
     assert_eq!(packages_image["parent_reference"], "debian/bookworm@1");
+    // The history counts web as derived from the base too, with everything on the way.
+    let history = work.path().join("history.jsonl");
+    env.ok(
+        Path::new("/"),
+        &["history", "export", history.to_str().expect("utf-8")],
+    );
+    let derivations: Vec<serde_json::Value> = std::fs::read_to_string(&history)
+        .expect("history")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let from_base = derivations
+        .iter()
+        .find(|d| d["parent"] == "debian/bookworm" && d["child"] == "web@1")
+        .expect("web derived from debian/bookworm");
+    let changes = from_base["changes"].as_array().expect("changes");
+    let has = |kind: &str, subject: &str| {
+        changes
+            .iter()
+            .any(|c| c["kind"] == kind && c["subject"] == subject)
+    };
+    assert!(has("package-added", "nginx"), "{changes:?}");
+    assert!(has("user-added", "api"), "{changes:?}");
+    assert!(has("service-enabled", "api.service"), "{changes:?}");
+    assert!(
+        derivations
+            .iter()
+            .any(|d| d["parent"] == "web/packages" && d["child"] == "web@1")
+    );
 
     // A no-op build stores nothing and says the appliance is fresh.
     let images_before = env.images().len();

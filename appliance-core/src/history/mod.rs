@@ -305,11 +305,41 @@ pub fn evidence(
     change: &Change,
     known: &[Change],
 ) -> anyhow::Result<Evidence> {
+    evidence_excluding(conn, scope, NO_EXCLUSION, change, known)
+}
+
+/// Matches no child: nothing excluded.
+pub const NO_EXCLUSION: &str = "^$";
+
+/// A regular expression for the children (`name@version`) of an appliance's own images
+/// (`web@3`, `web/packages@2`): its suggestions must not count its own earlier builds.
+pub fn own_images(appliance: &str) -> String {
+    let literal: String = appliance
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_string()
+            } else {
+                format!("[{c}]")
+            }
+        })
+        .collect();
+    format!("^{literal}(/[^@]*)?@")
+}
+
+/// [`evidence`] without the derivations whose child matches `exclude` (a regex).
+pub fn evidence_excluding(
+    conn: &Connection,
+    scope: &str,
+    exclude: &str,
+    change: &Change,
+    known: &[Change],
+) -> anyhow::Result<Evidence> {
     let (scope_total, scope_with): (i64, i64) = conn.query_row(
         "SELECT count(*),
                 count(*) FILTER (WHERE EXISTS (SELECT 1 FROM changes c WHERE c.derivation = d.id AND c.kind = ? AND c.subject = ?))
-         FROM derivations d WHERE d.parent LIKE ? ESCAPE '\\'",
-        params![change.kind, change.subject, scope],
+         FROM derivations d WHERE d.parent LIKE ? ESCAPE '\\' AND NOT regexp_matches(d.child, ?)",
+        params![change.kind, change.subject, scope, exclude],
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
     let support = if scope_total > 0 {
@@ -323,7 +353,7 @@ pub fn evidence(
             "SELECT count(*), count(*) FILTER (WHERE EXISTS (
                     SELECT 1 FROM changes c2 WHERE c2.derivation = d.id AND c2.kind = ? AND c2.subject = ?))
              FROM derivations d
-             WHERE d.parent LIKE ? ESCAPE '\\'
+             WHERE d.parent LIKE ? ESCAPE '\\' AND NOT regexp_matches(d.child, ?)
                AND EXISTS (SELECT 1 FROM changes c WHERE c.derivation = d.id AND c.kind = ? AND c.subject = ?)",
         )?;
         for given in known {
@@ -332,6 +362,7 @@ pub fn evidence(
                     change.kind,
                     change.subject,
                     scope,
+                    exclude,
                     given.kind,
                     given.subject
                 ],
@@ -403,6 +434,17 @@ pub fn sql_rank(
     known: &[Change],
     limit: usize,
 ) -> anyhow::Result<Vec<engine::Scored>> {
+    sql_rank_excluding(conn, pattern, NO_EXCLUSION, known, limit)
+}
+
+/// [`sql_rank`] without the derivations whose child matches `exclude` (a regex).
+pub fn sql_rank_excluding(
+    conn: &Connection,
+    pattern: &str,
+    exclude: &str,
+    known: &[Change],
+    limit: usize,
+) -> anyhow::Result<Vec<engine::Scored>> {
     // The known changes as a VALUES list of parameters (the catalog is opened read-only, so
     // no temporary table).
     let known_rows = if known.is_empty() {
@@ -415,7 +457,7 @@ pub fn sql_rank(
     };
     let sql = format!(
         "WITH known AS ({known_rows}),
-         scope AS (SELECT id FROM derivations WHERE parent LIKE ? ESCAPE '\\'),
+         scope AS (SELECT id FROM derivations WHERE parent LIKE ? ESCAPE '\\' AND NOT regexp_matches(child, ?)),
          scoped AS (SELECT c.* FROM changes c JOIN scope s ON c.derivation = s.id),
          sizes AS (SELECT derivation, count(*) AS n FROM scoped GROUP BY derivation),
          overlap AS (
@@ -444,6 +486,7 @@ pub fn sql_rank(
         values.push(change.subject.clone().into());
     }
     values.push(pattern.to_owned().into());
+    values.push(exclude.to_owned().into());
     values.push(engine::SHARPNESS.into());
     values.push(engine::PRIOR.into());
     values.push((limit as i64).into());
@@ -511,6 +554,34 @@ mod tests {
                 assert!((a.score - b.score).abs() < 1e-9, "{a:?} vs {b:?}");
             }
         }
+    }
+
+    #[test]
+    fn an_appliance_s_own_images_are_recognised_by_child_name() {
+        let conn = Connection::open_in_memory().expect("duckdb");
+        let matches = |child: &str| -> bool {
+            conn.query_row(
+                "SELECT regexp_matches(?, ?)",
+                params![child, own_images("web")],
+                |row| row.get(0),
+            )
+            .expect("query")
+        };
+        assert!(matches("web@1"));
+        assert!(matches("web/packages@12"));
+        assert!(!matches("web-debug@1"));
+        assert!(!matches("webx@1"));
+        assert!(!matches("other/web@1"));
+        let dotted = own_images("a.b");
+        assert!(
+            !conn
+                .query_row(
+                    "SELECT regexp_matches('axb@1', ?)",
+                    params![dotted],
+                    |row| row.get::<_, bool>(0)
+                )
+                .expect("query")
+        );
     }
 
     #[test]

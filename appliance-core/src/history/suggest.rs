@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Change, Evidence, evidence, sql_rank, sql_scope};
+use super::{Change, Evidence, evidence_excluding, own_images, sql_rank_excluding, sql_scope};
 use crate::check::CheckReport;
 use crate::diagnostics::{Diagnostic, Level, SourceFile, Span};
 use crate::manifest::model::{Appliance, BaseRef};
@@ -311,7 +311,14 @@ fn compute(
             .unwrap_or(options.min_confidence);
         let (scope_label, scope_pattern, _) = sql_scope(conn, &base)?;
         let mut rank = 0;
-        for scored in sql_rank(conn, &scope_pattern, &known, limit * 4 + ignored.len())? {
+        let own = own_images(&appliance.name.value);
+        for scored in sql_rank_excluding(
+            conn,
+            &scope_pattern,
+            &own,
+            &known,
+            limit * 4 + ignored.len(),
+        )? {
             if rank >= limit {
                 break;
             }
@@ -320,7 +327,7 @@ fn compute(
             {
                 continue;
             }
-            let evidence = evidence(conn, &scope_pattern, &scored.change, &known)?;
+            let evidence = evidence_excluding(conn, &scope_pattern, &own, &scored.change, &known)?;
             if evidence.support < min_support || evidence.confidence < min_confidence {
                 continue;
             }

@@ -70,6 +70,9 @@ fn lock(path: &Path, exclusive: bool) -> anyhow::Result<LockGuard> {
     Ok(LockGuard { _file: file })
 }
 
+/// Ancestors an image records derivations from (a guard against a damaged, cyclic catalog).
+const MAX_LINEAGE_DEPTH: usize = 16;
+
 /// The default store: `$XDG_DATA_HOME/cargo-appliance/store`, or `~/.local/share/…`.
 pub fn default_store_dir() -> anyhow::Result<PathBuf> {
     if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
@@ -391,12 +394,8 @@ impl Store {
             tree,
             &packages,
         )?;
-        if let Some(parent) = new.parent.and_then(|p| images.iter().find(|i| i.id == p)) {
-            self.record_derivation(&mut catalog, parent, &record)
-                .context(
-                    "recording the derivation (the image is stored; `history rebuild` retries)",
-                )?;
-        }
+        self.record_derivation(&mut catalog, &images, &record)
+            .context("recording the derivation (the image is stored; `history rebuild` retries)")?;
         Ok(record)
     }
 
@@ -432,24 +431,36 @@ impl Store {
         self.diff_images(&catalog, &a, &b)
     }
 
+    /// Record how `child` derives from each of its ancestors: from its parent, and from every
+    /// image further up its lineage with the changes accumulated on the way. A base's
+    /// statistics then count every image derived from it, directly or through intermediate
+    /// images (a build stores base → packages → appliance; the appliance is derived from the
+    /// base with all of it). Returns the number of derivations recorded.
     fn record_derivation(
         &self,
         catalog: &mut LockedCatalog,
-        parent: &ImageRecord,
+        images: &[ImageRecord],
         child: &ImageRecord,
-    ) -> anyhow::Result<()> {
-        let changes = self.diff_images(catalog, parent, child)?;
-        let derivation = crate::history::Derivation {
-            parent: parent.name.clone(),
-            child: child.reference(),
-            changes: changes.iter().map(crate::diff::DiffEntry::change).collect(),
-        };
+    ) -> anyhow::Result<usize> {
+        let mut derivations = Vec::new();
+        let mut ancestor = child.parent;
+        while let Some(parent) = ancestor.and_then(|id| images.iter().find(|i| i.id == id)) {
+            if derivations.len() >= MAX_LINEAGE_DEPTH {
+                break;
+            }
+            let changes = self.diff_images(catalog, parent, child)?;
+            derivations.push(crate::history::Derivation {
+                parent: parent.name.clone(),
+                child: child.reference(),
+                changes: changes.iter().map(crate::diff::DiffEntry::change).collect(),
+            });
+            ancestor = parent.parent;
+        }
         crate::history::insert_for_images(
             catalog.connection_mut(),
-            [(&derivation, Some(child.id))],
+            derivations.iter().map(|d| (d, Some(child.id))),
             "store",
-        )?;
-        Ok(())
+        )
     }
 
     /// Re-derive the history of stored images (derivations with origin `store`) from the
@@ -463,10 +474,7 @@ impl Store {
         let images = catalog.images()?;
         let mut count = 0;
         for child in &images {
-            if let Some(parent) = child.parent.and_then(|p| images.iter().find(|i| i.id == p)) {
-                self.record_derivation(&mut catalog, parent, child)?;
-                count += 1;
-            }
+            count += self.record_derivation(&mut catalog, &images, child)?;
         }
         Ok(count)
     }
