@@ -270,6 +270,19 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
     assert!(changed.contains("Built web → web@2"), "{changed}");
     let web2 = env.json(&["image", "show", "web@2"]);
     assert_eq!(web2["parent_reference"], "web/packages@1");
+    assert_eq!(env.images().len(), images_before + 1);
+
+    // Offline, the package step runs again from the store's cached lists and .debs.
+    env.ok(
+        Path::new("/"),
+        &["image", "rm", "web/packages", "--recursive"],
+    );
+    let offline = env.ok(&workspace, &["build", "-a", "web", "--offline"]);
+    assert!(
+        offline.contains("Installing nginx, openssh-server"),
+        "{offline}"
+    );
+    let images_before = env.images().len();
 
     // --locked accepts an unchanged lock and refuses a change.
     env.ok(&workspace, &["build", "-a", "web", "--locked"]);
@@ -307,7 +320,7 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
     assert!(stderr.contains("appliance.kdl:5:"), "{stderr}");
     assert_eq!(
         env.images().len(),
-        images_before + 1,
+        images_before,
         "a failed build stores nothing"
     );
 
