@@ -427,7 +427,7 @@ pub fn sql_scope(conn: &Connection, base: &str) -> anyhow::Result<(String, Strin
 }
 
 /// The ranking of [`engine`], computed by DuckDB over the history tables: neighbours
-/// weighted by their overlap with the known changes, plus a small support prior.
+/// weighted by their idf-weighted overlap with the known changes, plus a small support prior.
 pub fn sql_rank(
     conn: &Connection,
     pattern: &str,
@@ -457,17 +457,32 @@ pub fn sql_rank_excluding(
     };
     let sql = format!(
         "WITH known AS ({known_rows}),
+         total AS (SELECT count(*)::DOUBLE AS n FROM derivations),
+         idf AS (
+             SELECT kind, subject, ln((SELECT n FROM total) / count(*)) AS idf
+             FROM changes GROUP BY ALL
+         ),
+         known_weight AS (
+             SELECT sum(coalesce(i.idf, ln((SELECT n FROM total)))) AS k
+             FROM known k LEFT JOIN idf i USING (kind, subject)
+         ),
          scope AS (SELECT id FROM derivations WHERE parent LIKE ? ESCAPE '\\' AND NOT regexp_matches(child, ?)),
          scoped AS (SELECT c.* FROM changes c JOIN scope s ON c.derivation = s.id),
-         sizes AS (SELECT derivation, count(*) AS n FROM scoped GROUP BY derivation),
+         sizes AS (
+             SELECT c.derivation, sum(i.idf) AS n
+             FROM scoped c JOIN idf i USING (kind, subject) GROUP BY c.derivation
+         ),
          overlap AS (
-             SELECT c.derivation, count(*) AS shared
-             FROM scoped c JOIN known k ON c.kind = k.kind AND c.subject = k.subject
+             SELECT c.derivation, sum(i.idf) AS shared
+             FROM scoped c
+             JOIN known k ON c.kind = k.kind AND c.subject = k.subject
+             JOIN idf i ON c.kind = i.kind AND c.subject = i.subject
              GROUP BY c.derivation
          ),
          weights AS (
-             SELECT o.derivation, pow(o.shared / sqrt(s.n * greatest((SELECT count(*) FROM known), 1)), ?) AS w
+             SELECT o.derivation, pow(o.shared / sqrt(s.n * (SELECT k FROM known_weight)), ?) AS w
              FROM overlap o JOIN sizes s USING (derivation)
+             WHERE s.n > 0 AND o.shared > 0 AND (SELECT k FROM known_weight) > 0
          ),
          votes AS (
              SELECT c.kind, c.subject, sum(w.w) AS score FROM scoped c JOIN weights w USING (derivation) GROUP BY ALL

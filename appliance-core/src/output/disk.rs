@@ -1,7 +1,8 @@
 //! Bootable disk outputs: a sparse GPT disk with an EFI system partition (systemd-boot, the
 //! image's kernel and initramfs) and an ext4 root partition written by `mke2fs -d` from a
 //! staged tree; qcow2 is the same disk converted by `qemu-img`. Nothing is mounted: the ESP is
-//! a FAT image filled with mtools, the root filesystem is built from a directory.
+//! a FAT image filled with mtools and copied in, the root filesystem is written in place by
+//! `mke2fs -E offset=`.
 //! Identifiers (partition and filesystem UUIDs) derive from the tree digest, so one tree gives
 //! one disk.
 
@@ -128,7 +129,6 @@ pub fn write_raw(
         .div_ceil(MIB)
         .max(64)
         * MIB;
-    let esp = work.path().join("esp.img");
     let write_object = |path: &str, to: &Path| -> anyhow::Result<()> {
         let digest = tree
             .get(path)
@@ -156,40 +156,7 @@ pub fn write_raw(
             command_line(&root_uuid, cmdline_extra)
         ),
     )?;
-    let volume_id = &derived_uuid(&image.tree_digest, "esp")[..8];
-    Cmd::new("mkfs.vfat")
-        .args(["-F", "32", "-n", "ESP", "-i", volume_id, "-C"])
-        .arg(&esp)
-        .arg((esp_size / 1024).to_string())
-        .output()
-        .context("creating the EFI system partition")?;
-    let image_arg = esp.to_string_lossy().into_owned();
-    Cmd::new("mmd")
-        .args([
-            "-i",
-            &image_arg,
-            "::/EFI",
-            "::/EFI/BOOT",
-            "::/loader",
-            "::/loader/entries",
-        ])
-        .output()?;
-    for (file, to) in [
-        ("BOOTX64.EFI", "::/EFI/BOOT/BOOTX64.EFI"),
-        ("vmlinuz", "::/vmlinuz"),
-        ("initrd.img", "::/initrd.img"),
-        ("loader.conf", "::/loader/loader.conf"),
-        ("appliance.conf", "::/loader/entries/appliance.conf"),
-    ] {
-        Cmd::new("mcopy")
-            .args(["-i", &image_arg])
-            .arg(staged.join(file))
-            .arg(to)
-            .output()
-            .with_context(|| format!("copying {file} into the EFI system partition"))?;
-    }
-
-    // The root filesystem: the tree staged with its real owners, then `mke2fs -d`.
+    // The root filesystem's content: the tree staged with its real owners.
     let root_dir = work.path().join("root");
     let mut tree = tree;
     add_fstab(&mut tree, store, &root_uuid)?;
@@ -211,19 +178,9 @@ pub fn write_raw(
         // Headroom: a third more than the content, plus 256 MiB for logs and state.
         None => ((content * 4 / 3 + inodes * 4096 + 256 * MIB) / MIB + 1) * MIB,
     };
-    let rootfs = work.path().join("root.img");
-    Cmd::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-L", "root", "-U", &root_uuid])
-        .args(["-E", &format!("hash_seed={root_uuid},root_owner=0:0")])
-        .arg("-d")
-        .arg(&root_dir)
-        .arg(&rootfs)
-        .arg(format!("{}k", root_size / 1024))
-        .env("E2FSPROGS_FAKE_TIME", image.created_at.to_string())
-        .output()
-        .context("writing the root filesystem with mke2fs -d")?;
 
-    // The disk: GPT by sfdisk, then both filesystems copied in without their holes.
+    // The disk: a sparse file and its GPT by sfdisk; the root filesystem is then written in
+    // place at its partition's offset (no intermediate image of hundreds of MiB to copy).
     let total = FIRST_LBA_BYTES + esp_size + root_size + TAIL_BYTES;
     let disk = work.path().join("disk.raw");
     fs_err::File::create(&disk)?.set_len(total)?;
@@ -244,8 +201,61 @@ pub fn write_raw(
         &script,
     )
     .context("writing the partition table with sfdisk")?;
+
+    // The ESP is small: formatted as an image of its own and copied in (mtools cannot read a
+    // FAT that `mkfs.vfat --offset` wrote inside a larger file).
+    let volume_id = &derived_uuid(&image.tree_digest, "esp")[..8];
+    let esp = work.path().join("esp.img");
+    Cmd::new("mkfs.vfat")
+        .args(["-F", "32", "-n", "ESP", "-i", volume_id, "-C"])
+        .arg(&esp)
+        .arg((esp_size / 1024).to_string())
+        .output()
+        .context("creating the EFI system partition")?;
+    let esp_arg = esp.to_string_lossy().into_owned();
+    Cmd::new("mmd")
+        .args([
+            "-i",
+            &esp_arg,
+            "::/EFI",
+            "::/EFI/BOOT",
+            "::/loader",
+            "::/loader/entries",
+        ])
+        .output()?;
+    for (file, to) in [
+        ("BOOTX64.EFI", "::/EFI/BOOT/BOOTX64.EFI"),
+        ("vmlinuz", "::/vmlinuz"),
+        ("initrd.img", "::/initrd.img"),
+        ("loader.conf", "::/loader/loader.conf"),
+        ("appliance.conf", "::/loader/entries/appliance.conf"),
+    ] {
+        Cmd::new("mcopy")
+            .args(["-i", &esp_arg])
+            .arg(staged.join(file))
+            .arg(to)
+            .output()
+            .with_context(|| format!("copying {file} into the EFI system partition"))?;
+    }
     copy_sparse(&esp, &disk, FIRST_LBA_BYTES)?;
-    copy_sparse(&rootfs, &disk, FIRST_LBA_BYTES + esp_size)?;
+
+    Cmd::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-L", "root", "-U", &root_uuid])
+        .args([
+            "-E",
+            &format!(
+                "hash_seed={root_uuid},root_owner=0:0,offset={}",
+                FIRST_LBA_BYTES + esp_size
+            ),
+        ])
+        .arg("-d")
+        .arg(&root_dir)
+        .arg(&disk)
+        .arg(format!("{}k", root_size / 1024))
+        .env("E2FSPROGS_FAKE_TIME", image.created_at.to_string())
+        .output()
+        .context("writing the root filesystem with mke2fs -d")?;
+    fs_err::File::open(&disk)?.sync_all()?;
     fs_err::rename(&disk, destination)?;
     Ok(DiskLayout {
         root_uuid,
@@ -324,7 +334,6 @@ fn copy_sparse(from: &Path, to: &Path, offset: u64) -> anyhow::Result<()> {
             break;
         }
     }
-    output.sync_all()?;
     Ok(())
 }
 
