@@ -472,6 +472,37 @@ appliance "child" {
     let child = env.json(&["image", "show", "child"]);
     assert_eq!(child["parent_reference"], "configured@1");
 
+    // A newer base does not move a locked build; `update` does.
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "import",
+            "debian/bookworm",
+            tarball.to_str().expect("utf-8"),
+        ],
+    );
+    let pinned = env.ok(&ws, &["build", "-a", "configured"]);
+    assert!(
+        pinned.contains("Fresh configured → configured@1"),
+        "{pinned}"
+    );
+    let updated = env.ok(&ws, &["update"]);
+    assert!(
+        updated.contains("configured: debian/bookworm@1 -> debian/bookworm@2"),
+        "{updated}"
+    );
+    let lock = std::fs::read_to_string(ws.join("Appliance.lock")).expect("lock");
+    assert!(
+        lock.contains("base \"debian/bookworm\" version=\"2\""),
+        "{lock}"
+    );
+    let rebuilt = env.ok(&ws, &["build", "-a", "configured", "--locked"]);
+    assert!(
+        rebuilt.contains("Building configured on debian/bookworm@2"),
+        "{rebuilt}"
+    );
+
     let text = std::fs::read_to_string(&manifest).expect("manifest");
     // A failing script: its span, its status and its output.
     std::fs::write(
@@ -520,9 +551,10 @@ appliance "child" {
         .iter()
         .filter_map(|i| i["name"].as_str().map(str::to_owned))
         .collect();
+    // (configured@1 on the first base, configured@2 after `update`.)
     assert_eq!(
         names.iter().filter(|n| *n == "configured").count(),
-        1,
+        2,
         "{names:?}"
     );
     let fsck = env.command(Path::new("/"), &["fsck"]);

@@ -360,7 +360,7 @@ impl Context<'_> {
             && let Some(image) = images
                 .iter()
                 .filter(|i| matches(i))
-                .find(|i| i.tree_digest == pin.digest)
+                .find(|i| i.tree_digest == pin.digest && i.version == pin.version)
         {
             return Ok(image.clone());
         }
