@@ -13,6 +13,7 @@ pub mod commands;
 pub mod diagnostics;
 pub mod diff;
 pub mod history;
+pub mod json_file;
 pub mod manifest;
 pub mod output;
 pub mod packages;

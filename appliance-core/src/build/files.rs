@@ -55,24 +55,14 @@ impl Fingerprints {
     }
 
     pub fn load(workspace: &Workspace) -> Self {
-        std::fs::read(Self::path(workspace))
-            .ok()
-            .and_then(|data| serde_json::from_slice(&data).ok())
-            .unwrap_or_default()
+        crate::json_file::load_or_default(&Self::path(workspace))
     }
 
     pub fn save(&self, workspace: &Workspace) -> anyhow::Result<()> {
         if !self.changed {
             return Ok(());
         }
-        let path = Self::path(workspace);
-        if let Some(parent) = path.parent() {
-            fs_err::create_dir_all(parent)?;
-        }
-        let temp = path.with_extension("json.tmp");
-        fs_err::write(&temp, serde_json::to_vec(self)?)?;
-        fs_err::rename(&temp, &path)?;
-        Ok(())
+        crate::json_file::write_atomically(&Self::path(workspace), self)
     }
 
     pub fn digest(&mut self, path: &Path) -> anyhow::Result<(String, u64)> {

@@ -226,12 +226,7 @@ pub fn suggest_cached(
         return Ok(render(report, &found));
     }
     let found = compute(store, report, options)?;
-    if let Some(parent) = cache.parent() {
-        fs_err::create_dir_all(parent)?;
-    }
-    let temp = cache.with_extension("tmp");
-    fs_err::write(&temp, serde_json::to_vec(&(&key, &found))?)?;
-    fs_err::rename(&temp, cache)?;
+    crate::json_file::write_atomically(cache, &(&key, &found))?;
     Ok(render(report, &found))
 }
 

@@ -540,12 +540,7 @@ impl Store {
         }
         let images = self.list()?;
         // Only a stamp taken before the read may label it: a write in between changes it.
-        if let Some(parent) = cache.parent() {
-            fs_err::create_dir_all(parent)?;
-        }
-        let temp = cache.with_extension("tmp");
-        fs_err::write(&temp, serde_json::to_vec(&(&stamp, &images))?)?;
-        fs_err::rename(&temp, cache)?;
+        crate::json_file::write_atomically(cache, &(&stamp, &images))?;
         Ok(images)
     }
 
