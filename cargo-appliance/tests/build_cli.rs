@@ -33,6 +33,28 @@ struct Env {
 }
 
 impl Env {
+    /// A store and a target directory under `work`.
+    fn new(work: &Path) -> Self {
+        Self {
+            store: work.join("store"),
+            target: work.join("target"),
+        }
+    }
+
+    /// Import the cached minbase tarball as `debian/bookworm` (a new version each time).
+    fn import_minbase(&self) {
+        let tarball = support::minbase_tarball();
+        self.ok(
+            Path::new("/"),
+            &[
+                "image",
+                "import",
+                "debian/bookworm",
+                tarball.to_str().expect("utf-8"),
+            ],
+        );
+    }
+
     fn command(&self, workspace: &Path, args: &[&str]) -> Output {
         binary()
             .current_dir(workspace)
@@ -108,10 +130,7 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
         panic!("the build tests need root for the package step's chroot (see README)");
     }
     let work = tempfile::tempdir().expect("temp dir");
-    let env = Env {
-        store: work.path().join("store"),
-        target: work.path().join("target"),
-    };
+    let env = Env::new(work.path());
     let workspace = work.path().join("demo");
     copy_workspace(&demo(), &workspace);
     // The disk output (a kernel, a boot loader) is the boot test's business.
@@ -378,20 +397,8 @@ fn configuration_run_scripts_and_failures_without_a_package_step() {
         panic!("the build tests need root for the run scripts' chroot (see README)");
     }
     let work = tempfile::tempdir().expect("temp dir");
-    let env = Env {
-        store: work.path().join("store"),
-        target: work.path().join("target"),
-    };
-    let tarball = support::minbase_tarball();
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "import",
-            "debian/bookworm",
-            tarball.to_str().expect("utf-8"),
-        ],
-    );
+    let env = Env::new(work.path());
+    env.import_minbase();
     let ws = work.path().join("ws");
     write(
         &ws.join("Cargo.toml"),
@@ -473,15 +480,7 @@ appliance "child" {
     assert_eq!(child["parent_reference"], "configured@1");
 
     // A newer base does not move a locked build; `update` does.
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "import",
-            "debian/bookworm",
-            tarball.to_str().expect("utf-8"),
-        ],
-    );
+    env.import_minbase();
     let pinned = env.ok(&ws, &["build", "-a", "configured"]);
     assert!(
         pinned.contains("Fresh configured → configured@1"),
@@ -604,20 +603,8 @@ fn sha256_of(path: &Path) -> String {
 #[test]
 fn oci_and_tar_outputs_are_reproducible_layered_and_accepted_by_skopeo_and_umoci() {
     let work = tempfile::tempdir().expect("temp dir");
-    let env = Env {
-        store: work.path().join("store"),
-        target: work.path().join("target"),
-    };
-    let tarball = support::minbase_tarball();
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "import",
-            "debian/bookworm",
-            tarball.to_str().expect("utf-8"),
-        ],
-    );
+    let env = Env::new(work.path());
+    env.import_minbase();
     let ws = work.path().join("ws");
     write(
         &ws.join("Cargo.toml"),
@@ -813,20 +800,8 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
         panic!("the boot test needs root for the package step's chroot (see README)");
     }
     let work = tempfile::tempdir().expect("temp dir");
-    let env = Env {
-        store: work.path().join("store"),
-        target: work.path().join("target"),
-    };
-    let tarball = support::minbase_tarball();
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "import",
-            "debian/bookworm",
-            tarball.to_str().expect("utf-8"),
-        ],
-    );
+    let env = Env::new(work.path());
+    env.import_minbase();
     let workspace = work.path().join("demo");
     copy_workspace(&demo(), &workspace);
     let port = free_port();

@@ -155,37 +155,11 @@ impl TreeEditor {
         Ok(())
     }
 
-    pub fn remove(&mut self, path: &str) -> anyhow::Result<()> {
-        let key = Self::key(path)?;
-        let landed = self.tree.resolve(&key, false).unwrap_or(key);
-        self.tree.remove(&landed);
-        Ok(())
-    }
-
     pub fn exists(&mut self, path: &str) -> bool {
         Self::key(path)
             .ok()
             .and_then(|key| self.tree.resolve(&key, false).ok())
             .is_some_and(|landed| self.tree.get(&landed).is_some())
-    }
-
-    /// Paths directly under a directory (tree keys).
-    pub fn children(&mut self, dir: &str) -> Vec<(String, Entry)> {
-        let Ok(resolved) = self.resolve(dir) else {
-            return Vec::new();
-        };
-        let prefix = if resolved.is_empty() {
-            String::new()
-        } else {
-            format!("{resolved}/")
-        };
-        self.tree
-            .entries()
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .filter(|(p, _)| !p[prefix.len()..].contains('/') && p.len() > prefix.len())
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect()
     }
 }
 

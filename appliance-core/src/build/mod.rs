@@ -24,7 +24,7 @@ use sha2::{Digest as _, Sha256};
 use crate::check::CheckReport;
 use crate::diagnostics::{Diagnostic, SourceFile, Span};
 use crate::manifest::Manifest;
-use crate::manifest::model::{Appliance, BaseRef};
+use crate::manifest::model::{Appliance, BaseRef, Spanned};
 use crate::store::tree::hex;
 use crate::store::{ImageRecord, NewTree, Store};
 
@@ -933,42 +933,18 @@ fn apply(
         }
     }
     let owner_of = |accounts: &accounts::Accounts,
-                    owner: Option<&crate::manifest::model::Spanned<String>>,
-                    group: Option<&crate::manifest::model::Spanned<String>>|
+                    owner: Option<&Spanned<String>>,
+                    group: Option<&Spanned<String>>|
      -> Result<(u32, u32), BuildError> {
         let uid = match owner {
-            Some(owner) => accounts.uid(&owner.value).ok_or_else(|| {
-                site.error(
-                    "appliance::unknown-owner",
-                    format!("user `{}` does not exist in the image", owner.value),
-                    owner.span,
-                )
-                .label("no such user in /etc/passwd")
-                .maybe_help(
-                    crate::diagnostics::did_you_mean(
-                        &owner.value,
-                        accounts.user_names().iter().map(String::as_str),
-                    )
-                    .map(|c| format!("did you mean `{c}`? (or add a `user` node)")),
-                )
+            Some(owner) => account_id(site, owner, accounts.uid(&owner.value), "user", || {
+                accounts.user_names()
             })?,
             None => 0,
         };
         let gid = match group {
-            Some(group) => accounts.gid(&group.value).ok_or_else(|| {
-                site.error(
-                    "appliance::unknown-group",
-                    format!("group `{}` does not exist in the image", group.value),
-                    group.span,
-                )
-                .label("no such group in /etc/group")
-                .maybe_help(
-                    crate::diagnostics::did_you_mean(
-                        &group.value,
-                        accounts.group_names().iter().map(String::as_str),
-                    )
-                    .map(|c| format!("did you mean `{c}`? (or add a `group` node)")),
-                )
+            Some(group) => account_id(site, group, accounts.gid(&group.value), "group", || {
+                accounts.group_names()
             })?,
             None => 0,
         };
@@ -1048,6 +1024,36 @@ fn configure_boot(editor: &mut TreeEditor) -> anyhow::Result<()> {
     }
     systemd::enable(editor, "systemd-networkd.service")?;
     Ok(())
+}
+
+/// A user or group named by a node, as resolved in the image's own account files, or a
+/// diagnostic on the name with the closest existing one.
+fn account_id(
+    site: &Site<'_>,
+    name: &Spanned<String>,
+    found: Option<u32>,
+    what: &str,
+    names: impl FnOnce() -> Vec<String>,
+) -> Result<u32, BuildError> {
+    found.ok_or_else(|| {
+        let (code, file) = if what == "user" {
+            ("appliance::unknown-owner", "/etc/passwd")
+        } else {
+            ("appliance::unknown-group", "/etc/group")
+        };
+        let known = names();
+        site.error(
+            code,
+            format!("{what} `{}` does not exist in the image", name.value),
+            name.span,
+        )
+        .label(format!("no such {what} in {file}"))
+        .maybe_help(
+            crate::diagnostics::did_you_mean(&name.value, known.iter().map(String::as_str))
+                .map(|c| format!("did you mean `{c}`? (or add a `{what}` node)")),
+        )
+        .into()
+    })
 }
 
 /// Hostname, time zone, locale, environment and kernel command line.
