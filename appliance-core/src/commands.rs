@@ -305,20 +305,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                     print_json(entry)?;
                 }
             } else {
-                let mut kind = "";
-                for entry in &entries {
-                    if entry.kind != kind {
-                        kind = &entry.kind;
-                        println!("{kind}:");
-                    }
-                    match &entry.detail {
-                        Some(detail) => println!("  {} ({detail})", entry.subject),
-                        None => println!("  {}", entry.subject),
-                    }
-                }
-                if entries.is_empty() {
-                    println!("no changes");
-                }
+                print_diff(&entries);
             }
         }
         Command::History(HistoryCommand::Evaluate { file }) => {
@@ -431,4 +418,39 @@ fn export_disk(
         ),
     );
     Ok(())
+}
+
+/// Intended changes grouped by kind, then the consequences (dependencies, package scripts)
+/// the same way under their own heading.
+fn print_diff(entries: &[crate::diff::DiffEntry]) {
+    if entries.is_empty() {
+        println!("no changes");
+        return;
+    }
+    let (intended, consequences): (Vec<_>, Vec<_>) =
+        entries.iter().partition(|entry| entry.is_intended());
+    let print_group = |group: &[&crate::diff::DiffEntry], indent: &str| {
+        let mut kind = "";
+        for entry in group {
+            if entry.kind != kind {
+                kind = &entry.kind;
+                println!("{indent}{kind}:");
+            }
+            let mut detail: Vec<&str> = entry.detail.iter().map(String::as_str).collect();
+            detail.extend(entry.cause.map(crate::diff::Cause::describe));
+            if detail.is_empty() {
+                println!("{indent}  {}", entry.subject);
+            } else {
+                println!("{indent}  {} ({})", entry.subject, detail.join(", "));
+            }
+        }
+    };
+    print_group(&intended, "");
+    if !consequences.is_empty() {
+        println!(
+            "consequences ({}: dependencies and what package scripts did):",
+            consequences.len()
+        );
+        print_group(&consequences, "  ");
+    }
 }

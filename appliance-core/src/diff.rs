@@ -4,8 +4,15 @@
 //! `.wants` links `systemctl enable` makes. Users and groups from `/etc/passwd` and
 //! `/etc/group`. Config files are files under `/etc`: a dpkg conffile counts as changed when
 //! its content no longer matches the md5sum its package recorded, any other file when it
-//! differs from the parent's. Other files count only when no package owns them (dpkg's
-//! `.list` files), grouped by area; package payloads are what `package-added` already says.
+//! differs from the parent's (files ucf manages, like `/etc/ssh/sshd_config`, are compared with
+//! the md5sum ucf recorded). Other files count only when no package owns them (dpkg's `.list`
+//! files), grouped by area; package payloads are what `package-added` already says.
+//!
+//! Some changes are consequences rather than intent, and carry a [`Cause`]: packages apt
+//! installed only as dependencies (apt's `extended_states`), and what maintainer scripts did
+//! (host keys, enabled units, system users, generated files). The second is known only through
+//! lineage: [`attribute`] marks a change that a package step on the way from parent to child
+//! already made, when the child still has that step's result.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -46,12 +53,34 @@ const NOISE: &[&str] = &[
     "var/lib/dbus/machine-id",
 ];
 
+/// Why a change happened when nobody asked for it directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cause {
+    /// apt installed the package to satisfy another one.
+    Dependency,
+    /// A package's maintainer scripts made it (seen in a package step of the lineage).
+    PackageScripts,
+}
+
+impl Cause {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cause::Dependency => "dependency",
+            Cause::PackageScripts => "by package scripts",
+        }
+    }
+}
+
 /// One typed change with a detail for people (versions, area).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct DiffEntry {
     pub kind: String,
     pub subject: String,
     pub detail: Option<String>,
+    /// Set for consequences; `None` for what the child's maker did on purpose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
 }
 
 impl DiffEntry {
@@ -60,7 +89,22 @@ impl DiffEntry {
             kind: kind.into(),
             subject: subject.into(),
             detail,
+            cause: None,
         }
+    }
+
+    /// Whether the change was made on purpose: what the history learns from.
+    pub fn is_intended(&self) -> bool {
+        self.cause.is_none()
+    }
+
+    /// The tree path a file-level change is about.
+    fn path(&self) -> Option<&str> {
+        matches!(
+            self.kind.as_str(),
+            "config-changed" | "file-added" | "file-changed" | "file-removed"
+        )
+        .then(|| self.subject.trim_start_matches('/'))
     }
 
     pub fn change(&self) -> Change {
@@ -127,6 +171,33 @@ fn conffiles(status: &str) -> BTreeMap<String, String> {
     out
 }
 
+/// Files ucf manages (generated from a package's template by its maintainer scripts), with the
+/// md5sum of what the package installed: `var/lib/ucf/hashfile` lines are `md5  /path`.
+fn ucf_files(hashfile: &str) -> BTreeMap<String, String> {
+    hashfile
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let (md5, path) = (parts.next()?, parts.next()?);
+            Some((path.trim_start_matches('/').to_owned(), md5.to_owned()))
+        })
+        .collect()
+}
+
+/// Packages apt marked as installed automatically (`Auto-Installed: 1`).
+fn auto_installed(extended_states: &str) -> BTreeSet<String> {
+    extended_states
+        .split("\n\n")
+        .filter(|stanza| stanza.lines().any(|l| l.trim() == "Auto-Installed: 1"))
+        .filter_map(|stanza| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix("Package:"))
+                .map(|name| name.trim().to_owned())
+        })
+        .collect()
+}
+
 /// Paths owned by packages, from `var/lib/dpkg/info/*.list`.
 fn owned_paths(side: &Side<'_>) -> anyhow::Result<BTreeSet<String>> {
     let mut owned = BTreeSet::new();
@@ -139,12 +210,29 @@ fn owned_paths(side: &Side<'_>) -> anyhow::Result<BTreeSet<String>> {
                 owned.extend(
                     content
                         .lines()
-                        .map(|l| l.trim_start_matches('/').to_owned()),
+                        .map(|line| through_top_level_links(side.tree, line)),
                 );
             }
         }
     }
     Ok(owned)
+}
+
+/// A path as dpkg recorded it, in the tree's terms: on a merged-/usr system packages still
+/// list `/bin/ip` or `/lib/systemd/system/x.service`, which live under `usr/` behind the
+/// top-level links.
+fn through_top_level_links(tree: &Tree, listed: &str) -> String {
+    let listed = listed.trim_start_matches('/');
+    if let Some((top, rest)) = listed.split_once('/')
+        && let Some(entry) = tree.get(top)
+        && entry.kind == EntryKind::Symlink
+        && let Some(target) = entry.link_target.as_deref()
+        && !target.starts_with('/')
+        && !target.contains("..")
+    {
+        return format!("{}/{rest}", target.trim_end_matches('/'));
+    }
+    listed.to_owned()
 }
 
 fn area(path: &str) -> &'static str {
@@ -173,13 +261,14 @@ pub fn diff(parent: &Side<'_>, child: &Side<'_>) -> anyhow::Result<Vec<DiffEntry
         .iter()
         .map(|p| (p.name.as_str(), p.version.as_str()))
         .collect();
+    let automatic =
+        auto_installed(&text(child, "var/lib/apt/extended_states")?.unwrap_or_default());
     for (name, version) in &after {
         match before.get(name) {
-            None => out.push(DiffEntry::new(
-                "package-added",
-                *name,
-                Some((*version).to_owned()),
-            )),
+            None => out.push(DiffEntry {
+                cause: automatic.contains(*name).then_some(Cause::Dependency),
+                ..DiffEntry::new("package-added", *name, Some((*version).to_owned()))
+            }),
             Some(old) if old != version => {
                 out.push(DiffEntry::new(
                     "package-upgraded",
@@ -268,7 +357,10 @@ pub fn diff(parent: &Side<'_>, child: &Side<'_>) -> anyhow::Result<Vec<DiffEntry
     }
 
     let status = text(child, STATUS_PATH)?.unwrap_or_default();
-    let conffiles = conffiles(&status);
+    let mut conffiles = conffiles(&status);
+    conffiles.extend(ucf_files(
+        &text(child, "var/lib/ucf/hashfile")?.unwrap_or_default(),
+    ));
     let owned_after = owned_paths(child)?;
     let owned_before = owned_paths(parent)?;
     let special = [
@@ -350,6 +442,42 @@ pub fn diff(parent: &Side<'_>, child: &Side<'_>) -> anyhow::Result<Vec<DiffEntry
     Ok(out)
 }
 
+/// What one package step of a lineage did: its changes from its own parent, and its tree.
+#[derive(Debug)]
+pub struct PackageStep<'a> {
+    pub changes: Vec<DiffEntry>,
+    pub tree: &'a Tree,
+}
+
+/// Mark the changes from parent to child that a package step on the way made, and that the
+/// child still has as that step left them: a file the child replaced (an edited
+/// `sshd_config`) stays the child maker's change.
+pub fn attribute(entries: &mut [DiffEntry], child: &Tree, steps: &[PackageStep<'_>]) {
+    // Packages speak for themselves (dependencies are marked by apt's own record).
+    let attributable = |e: &DiffEntry| e.is_intended() && !e.kind.starts_with("package-");
+    for entry in entries.iter_mut().filter(|e| attributable(e)) {
+        let made_by_step = steps.iter().any(|step| {
+            step.changes
+                .iter()
+                .any(|c| c.kind == entry.kind && c.subject == entry.subject)
+                && entry
+                    .path()
+                    .is_none_or(|path| match (child.get(path), step.tree.get(path)) {
+                        (Some(now), Some(then)) => {
+                            now.kind == then.kind
+                                && now.digest == then.digest
+                                && now.link_target == then.link_target
+                        }
+                        (None, None) => true,
+                        _ => false,
+                    })
+        });
+        if made_by_step {
+            entry.cause = Some(Cause::PackageScripts);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,7 +533,7 @@ mod tests {
                 ("etc/motd", "hi\n"),
                 ("opt/old", "x"),
             ],
-            &[],
+            &[("lib", "usr/lib")],
         );
         let (b, b_contents) = tree(
             &[
@@ -420,15 +548,20 @@ mod tests {
                 ("var/lib/dpkg/status", &status),
                 (
                     "var/lib/dpkg/info/openssh-server.list",
-                    "/usr/sbin/sshd\n/etc/ssh/sshd_config\n",
+                    "/usr/sbin/sshd\n/etc/ssh/sshd_config\n/lib/systemd/system/ssh.service\n",
                 ),
                 ("usr/sbin/sshd", "elf"),
+                ("usr/lib/systemd/system/ssh.service", "[Unit]"),
                 ("srv/www/index.html", "<h1>"),
             ],
-            &[(
-                "etc/systemd/system/multi-user.target.wants/api.service",
-                "/etc/systemd/system/api.service",
-            )],
+            &[
+                (
+                    "etc/systemd/system/multi-user.target.wants/api.service",
+                    "/etc/systemd/system/api.service",
+                ),
+                // Merged /usr: the package lists /lib/…, the file is under usr/lib.
+                ("lib", "usr/lib"),
+            ],
         );
         let read_a = |digest: &str| Ok(a_contents.get(digest).cloned().unwrap_or_default());
         let read_b = |digest: &str| Ok(b_contents.get(digest).cloned().unwrap_or_default());
@@ -465,6 +598,78 @@ mod tests {
                 "package-upgraded:base-files",
                 "service-enabled:api.service",
                 "user-added:api",
+            ]
+        );
+    }
+
+    #[test]
+    fn dependencies_ucf_files_and_package_script_results_are_consequences() {
+        let template = "PermitRootLogin prohibit-password\n";
+        let hashfile = format!("{}  /etc/ssh/sshd_config\n", md5_hex(template.as_bytes()));
+        let states = "Package: openssh-sftp-server\nArchitecture: amd64\nAuto-Installed: 1\n\n\
+                      Package: openssh-server\nArchitecture: amd64\nAuto-Installed: 0\n";
+        let base_files: &[(&str, &str)] = &[("etc/passwd", "root:x:0:0::/root:/bin/sh\n")];
+        let step_files: &[(&str, &str)] = &[
+            (
+                "etc/passwd",
+                "root:x:0:0::/root:/bin/sh\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n",
+            ),
+            ("etc/ssh/sshd_config", template),
+            ("etc/ssh/ssh_host_ed25519_key", "secret"),
+            ("etc/motd", "generated\n"),
+            ("var/lib/ucf/hashfile", &hashfile),
+            ("var/lib/apt/extended_states", states),
+        ];
+        let mut child_files = step_files.to_vec();
+        child_files[1] = ("etc/ssh/sshd_config", "PermitRootLogin no\n");
+        child_files[3] = ("etc/motd", "ours\n");
+        let (base, base_contents) = tree(base_files, &[]);
+        let (step, step_contents) = tree(step_files, &[]);
+        let (child, child_contents) = tree(&child_files, &[]);
+        let contents: BTreeMap<String, Vec<u8>> = base_contents
+            .into_iter()
+            .chain(step_contents)
+            .chain(child_contents)
+            .collect();
+        let read = |digest: &str| Ok(contents.get(digest).cloned().unwrap_or_default());
+        let base_packages = [package("base-files", "12.4")];
+        let installed = [
+            package("base-files", "12.4"),
+            package("openssh-server", "1:9.2"),
+            package("openssh-sftp-server", "1:9.2"),
+        ];
+        let side = |tree, packages| Side {
+            tree,
+            packages,
+            read: &read,
+        };
+        let step_changes =
+            diff(&side(&base, &base_packages), &side(&step, &installed)).expect("step diff");
+        let mut entries =
+            diff(&side(&base, &base_packages), &side(&child, &installed)).expect("diff");
+        attribute(
+            &mut entries,
+            &child,
+            &[PackageStep {
+                changes: step_changes,
+                tree: &step,
+            }],
+        );
+        let described: Vec<String> = entries
+            .iter()
+            .map(|e| format!("{}:{} {:?}", e.kind, e.subject, e.cause))
+            .collect();
+        assert_eq!(
+            described,
+            [
+                // ucf's record of the package's file says the edit is ours.
+                "config-changed:/etc/ssh/sshd_config None",
+                // New, unowned, and not what the package step left: ours.
+                "file-added:/etc/motd None",
+                "file-added:/etc/ssh/ssh_host_ed25519_key Some(PackageScripts)",
+                "package-added:openssh-server None",
+                "package-added:openssh-sftp-server Some(Dependency)",
+                "user-added:sshd Some(PackageScripts)",
             ]
         );
     }

@@ -383,6 +383,100 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
     for wanted in ["nginx", "curl", "git"] {
         assert!(names.contains(&wanted), "{wanted} missing");
     }
+
+    // `diff` from the base to an appliance with nginx and openssh-server, an edited
+    // sshd_config, a new user and an enabled unit reports exactly those as intended; apt's
+    // dependencies and what the packages' scripts did (host keys, their own units, the sshd
+    // user) are consequences. The package steps go base → one/packages (nginx, the closest
+    // base) → edge/packages (openssh-server), so attribution spans two steps.
+    let edge = work.path().join("edge");
+    write(
+        &edge.join("Cargo.toml"),
+        "[package]\nname = \"edge\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    );
+    write(&edge.join("src/lib.rs"), "");
+    write(
+        &edge.join("sshd_config"),
+        "Include /etc/ssh/sshd_config.d/*.conf\nPermitRootLogin no\nPasswordAuthentication no\n",
+    );
+    write(
+        &edge.join("appliance.kdl"),
+        "appliance \"edge\" {\n    base \"debian/bookworm\"\n    packages \"nginx\" \"openssh-server\"\n    \
+         copy \"sshd_config\" to=\"/etc/ssh/sshd_config\" mode=0o644\n    \
+         user \"deploy\" system=#true\n    service \"ssh.socket\" enable=#true\n}\n",
+    );
+    env.ok(&edge, &["build"]);
+    let output = env.command(
+        Path::new("/"),
+        &[
+            "diff",
+            "debian/bookworm",
+            "edge",
+            "--message-format",
+            "json",
+        ],
+    );
+    assert!(output.status.success());
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let key = |e: &serde_json::Value| {
+        format!(
+            "{}:{}",
+            e["kind"].as_str().unwrap_or_default(),
+            e["subject"].as_str().unwrap_or_default()
+        )
+    };
+    let intended: Vec<String> = entries
+        .iter()
+        .filter(|e| e.get("cause").is_none())
+        .map(key)
+        .collect();
+    assert_eq!(
+        intended,
+        [
+            "config-changed:/etc/ssh/sshd_config",
+            "group-added:deploy",
+            "package-added:nginx",
+            "package-added:openssh-server",
+            "service-enabled:ssh.socket",
+            "user-added:deploy",
+        ],
+        "{entries:#?}"
+    );
+    let caused = |kind: &str, subject: &str, cause: &str| {
+        entries
+            .iter()
+            .any(|e| e["kind"] == kind && e["subject"] == subject && e["cause"] == cause)
+    };
+    for (kind, subject, cause) in [
+        ("package-added", "openssh-sftp-server", "dependency"),
+        ("package-added", "nginx-common", "dependency"),
+        ("user-added", "sshd", "package-scripts"),
+        ("service-enabled", "ssh.service", "package-scripts"),
+        (
+            "file-added",
+            "/etc/ssh/ssh_host_ed25519_key",
+            "package-scripts",
+        ),
+    ] {
+        assert!(
+            caused(kind, subject, cause),
+            "{kind}:{subject} {entries:#?}"
+        );
+    }
+    // People read the same: intended changes first, consequences after.
+    let human = env.command(Path::new("/"), &["diff", "debian/bookworm", "edge"]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    let consequences_at = human
+        .find("consequences (")
+        .expect("a consequences section");
+    assert!(
+        human[..consequences_at].contains("/etc/ssh/sshd_config (differs from its package)"),
+        "{human}"
+    );
+    assert!(!human[..consequences_at].contains("ssh_host_"), "{human}");
     let fsck = env.command(Path::new("/"), &["fsck"]);
     assert!(
         fsck.status.success(),

@@ -23,7 +23,7 @@ pub mod objects;
 pub mod tar_reader;
 pub mod tree;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -100,6 +100,47 @@ impl std::ops::Deref for LockedCatalog {
 impl std::ops::DerefMut for LockedCatalog {
     fn deref_mut(&mut self) -> &mut Catalog {
         &mut self.catalog
+    }
+}
+
+/// Image trees loaded from the catalog once per operation: recording a derivation diffs an
+/// image against each ancestor and each package step on the way, which share trees.
+pub struct TreeCache<'c> {
+    catalog: &'c Catalog,
+    trees: HashMap<i64, Tree>,
+}
+
+impl std::fmt::Debug for TreeCache<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TreeCache")
+            .field("images", &self.trees.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl<'c> TreeCache<'c> {
+    pub fn new(catalog: &'c Catalog) -> Self {
+        Self {
+            catalog,
+            trees: HashMap::new(),
+        }
+    }
+
+    fn insert(&mut self, image: i64, tree: Tree) {
+        self.trees.insert(image, tree);
+    }
+
+    pub fn get(&mut self, image: i64) -> anyhow::Result<&Tree> {
+        if !self.trees.contains_key(&image) {
+            let tree = self.catalog.tree(image)?;
+            self.trees.insert(image, tree);
+        }
+        Ok(self.loaded(image))
+    }
+
+    /// A tree [`TreeCache::get`] has loaded.
+    fn loaded(&self, image: i64) -> &Tree {
+        &self.trees[&image]
     }
 }
 
@@ -394,31 +435,81 @@ impl Store {
             tree,
             &packages,
         )?;
-        self.record_derivation(&mut catalog, &images, &record)
+        self.record_derivation(&mut catalog, &images, &record, Some(tree))
             .context("recording the derivation (the image is stored; `history rebuild` retries)")?;
         Ok(record)
     }
 
-    /// Typed changes from one stored image to another.
+    /// Typed changes from one stored image to another, with the consequences of package
+    /// steps on the way marked (see [`crate::diff::attribute`]).
     pub fn diff_images(
         &self,
-        catalog: &Catalog,
+        trees: &mut TreeCache<'_>,
+        images: &[ImageRecord],
+        parent: &ImageRecord,
+        child: &ImageRecord,
+    ) -> anyhow::Result<Vec<crate::diff::DiffEntry>> {
+        let mut entries = self.plain_diff(trees, parent, child)?;
+        // Package steps from the child up to where its lineage meets the parent's.
+        let mut parent_line = BTreeSet::new();
+        let mut ancestor = Some(parent.id);
+        while let Some(id) = ancestor.filter(|id| parent_line.insert(*id)) {
+            ancestor = images.iter().find(|i| i.id == id).and_then(|i| i.parent);
+        }
+        let mut steps = Vec::new();
+        let mut current = images.iter().find(|i| i.id == child.id);
+        while let Some(image) = current.filter(|i| !parent_line.contains(&i.id)) {
+            if steps.len() >= MAX_LINEAGE_DEPTH {
+                break;
+            }
+            let step_parent = image
+                .parent
+                .and_then(|id| images.iter().find(|i| i.id == id));
+            if let Some(step_parent) = step_parent
+                && image.provenance.get("step").and_then(|s| s.as_str()) == Some("packages")
+            {
+                let changes = self.plain_diff(trees, step_parent, image)?;
+                steps.push((image.id, changes));
+            }
+            current = step_parent;
+        }
+        if !steps.is_empty() {
+            trees.get(child.id)?;
+            let steps: Vec<crate::diff::PackageStep<'_>> = steps
+                .into_iter()
+                .map(|(id, changes)| crate::diff::PackageStep {
+                    changes,
+                    tree: trees.loaded(id),
+                })
+                .collect();
+            crate::diff::attribute(&mut entries, trees.loaded(child.id), &steps);
+        }
+        Ok(entries)
+    }
+
+    fn plain_diff(
+        &self,
+        trees: &mut TreeCache<'_>,
         parent: &ImageRecord,
         child: &ImageRecord,
     ) -> anyhow::Result<Vec<crate::diff::DiffEntry>> {
         let objects = self.objects();
         let read = |digest: &str| objects.read(digest);
-        let (parent_tree, child_tree) = (catalog.tree(parent.id)?, catalog.tree(child.id)?);
-        let (parent_packages, child_packages) =
-            (catalog.packages(parent.id)?, catalog.packages(child.id)?);
+        let (parent_packages, child_packages) = (
+            trees.catalog.packages(parent.id)?,
+            trees.catalog.packages(child.id)?,
+        );
+        trees.get(parent.id)?;
+        trees.get(child.id)?;
+        let (parent_tree, child_tree) = (trees.loaded(parent.id), trees.loaded(child.id));
         crate::diff::diff(
             &crate::diff::Side {
-                tree: &parent_tree,
+                tree: parent_tree,
                 packages: &parent_packages,
                 read: &read,
             },
             &crate::diff::Side {
-                tree: &child_tree,
+                tree: child_tree,
                 packages: &child_packages,
                 read: &read,
             },
@@ -428,33 +519,47 @@ impl Store {
     pub fn diff(&self, a: &str, b: &str) -> anyhow::Result<Vec<crate::diff::DiffEntry>> {
         let catalog = self.read_catalog()?;
         let (a, b) = (self.resolve(&catalog, a)?, self.resolve(&catalog, b)?);
-        self.diff_images(&catalog, &a, &b)
+        let images = catalog.images()?;
+        self.diff_images(&mut TreeCache::new(&catalog), &images, &a, &b)
     }
 
     /// Record how `child` derives from each of its ancestors: from its parent, and from every
     /// image further up its lineage with the changes accumulated on the way. A base's
     /// statistics then count every image derived from it, directly or through intermediate
     /// images (a build stores base → packages → appliance; the appliance is derived from the
-    /// base with all of it). Returns the number of derivations recorded.
+    /// base with all of it). Only intended changes are recorded: dependencies and what
+    /// maintainer scripts did follow from the packages. Returns the number of derivations
+    /// recorded.
     fn record_derivation(
         &self,
         catalog: &mut LockedCatalog,
         images: &[ImageRecord],
         child: &ImageRecord,
+        known_tree: Option<&Tree>,
     ) -> anyhow::Result<usize> {
         let mut derivations = Vec::new();
-        let mut ancestor = child.parent;
-        while let Some(parent) = ancestor.and_then(|id| images.iter().find(|i| i.id == id)) {
-            if derivations.len() >= MAX_LINEAGE_DEPTH {
-                break;
+        {
+            let mut trees = TreeCache::new(catalog);
+            if let Some(tree) = known_tree {
+                trees.insert(child.id, tree.clone());
             }
-            let changes = self.diff_images(catalog, parent, child)?;
-            derivations.push(crate::history::Derivation {
-                parent: parent.name.clone(),
-                child: child.reference(),
-                changes: changes.iter().map(crate::diff::DiffEntry::change).collect(),
-            });
-            ancestor = parent.parent;
+            let mut ancestor = child.parent;
+            while let Some(parent) = ancestor.and_then(|id| images.iter().find(|i| i.id == id)) {
+                if derivations.len() >= MAX_LINEAGE_DEPTH {
+                    break;
+                }
+                let changes = self.diff_images(&mut trees, images, parent, child)?;
+                derivations.push(crate::history::Derivation {
+                    parent: parent.name.clone(),
+                    child: child.reference(),
+                    changes: changes
+                        .iter()
+                        .filter(|c| c.is_intended())
+                        .map(crate::diff::DiffEntry::change)
+                        .collect(),
+                });
+                ancestor = parent.parent;
+            }
         }
         crate::history::insert_for_images(
             catalog.connection_mut(),
@@ -474,7 +579,7 @@ impl Store {
         let images = catalog.images()?;
         let mut count = 0;
         for child in &images {
-            count += self.record_derivation(&mut catalog, &images, child)?;
+            count += self.record_derivation(&mut catalog, &images, child, None)?;
         }
         Ok(count)
     }
