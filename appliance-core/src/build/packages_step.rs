@@ -252,7 +252,11 @@ pub fn execute(
             &mut import_staging,
             crate::store::import::Limits::default(),
             Some(&known),
+            true,
         )?;
+        // The materialized tree's unwritten pages are dropped with it rather than flushed by
+        // the sync that makes the new objects durable.
+        fs_err::remove_dir_all(&root)?;
         let record = store.commit_tree(
             &NewTree {
                 name: exec.image_name.clone(),

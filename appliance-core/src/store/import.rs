@@ -115,6 +115,19 @@ impl<'a> Builder<'a> {
         self.check_count()
     }
 
+    /// [`Builder::add_file`] for a file of a scratch directory: moved into the staging area.
+    fn adopt_file(&mut self, path: &str, mut entry: Entry, file: &Path) -> anyhow::Result<()> {
+        let (digest, size) = self
+            .staging
+            .adopt(file)
+            .with_context(|| format!("storing {path}"))?;
+        entry.kind = EntryKind::File;
+        entry.size = size;
+        entry.digest = Some(digest);
+        self.tree.insert(path, entry)?;
+        self.check_count()
+    }
+
     fn add(&mut self, path: &str, entry: Entry) -> anyhow::Result<()> {
         self.tree.insert(path, entry)?;
         self.check_count()
@@ -392,16 +405,19 @@ pub fn import_directory(
     staging: &mut Staging,
     limits: Limits,
 ) -> anyhow::Result<Imported> {
-    import_directory_with(root, staging, limits, None)
+    import_directory_with(root, staging, limits, None, false)
 }
 
 /// [`import_directory`], trusting `known` for the content of files it vouches for (their
-/// objects are stored: they were materialized from them).
+/// objects are stored: they were materialized from them). With `scratch`, the directory is
+/// work space on the store's filesystem that the caller discards: new content is moved into
+/// the store instead of copied.
 pub fn import_directory_with(
     root: &Path,
     staging: &mut Staging,
     limits: Limits,
     known: Option<&KnownContent>,
+    scratch: bool,
 ) -> anyhow::Result<Imported> {
     let mut builder = Builder::new(staging, limits);
     let root_meta = fs_err::symlink_metadata(root)?;
@@ -443,6 +459,12 @@ pub fn import_directory_with(
                         entry.size = meta.len();
                         entry.digest = Some(digest.to_owned());
                         builder.add(&path, entry).with_context(context)?;
+                    }
+                    // Hard-linked files stay: their other names are imported later.
+                    _ if scratch && path != STATUS_PATH && meta.nlink() == 1 => {
+                        builder
+                            .adopt_file(&path, entry, &full)
+                            .with_context(context)?;
                     }
                     _ => {
                         let file = fs_err::File::open(&full)?;
@@ -715,8 +737,9 @@ mod tests {
         fs_err::write(root.join("new"), "SIX").expect("write");
         fs_err::rename(root.join("new"), root.join("replaced")).expect("rename");
         let mut staging = Staging::new(dir.path().join("s2"), objects).expect("staging");
-        let second = import_directory_with(&root, &mut staging, Limits::default(), Some(&known))
-            .expect("import");
+        let second =
+            import_directory_with(&root, &mut staging, Limits::default(), Some(&known), false)
+                .expect("import");
         let digest = |imported: &Imported, path: &str| {
             imported
                 .tree
@@ -728,5 +751,40 @@ mod tests {
         assert_eq!(digest(&second, "kept"), digest(&first, "kept"));
         assert_eq!(digest(&second, "edited"), sha("TWO"));
         assert_eq!(digest(&second, "replaced"), sha("SIX"));
+    }
+
+    #[test]
+    fn a_scratch_directory_gives_the_same_tree_and_its_new_files_move_into_the_store() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let make = |root: &Path| {
+            fs_err::create_dir_all(root.join("etc")).expect("mkdir");
+            fs_err::write(root.join("etc/one"), "one").expect("write");
+            fs_err::write(root.join("etc/same"), "one").expect("write");
+            fs_err::write(root.join("linked"), "shared").expect("write");
+            fs_err::hard_link(root.join("linked"), root.join("etc/linked")).expect("link");
+        };
+        let (copied, moved) = (dir.path().join("copied"), dir.path().join("moved"));
+        make(&copied);
+        make(&moved);
+        let objects = Objects::new(dir.path().join("objects"));
+        let mut staging = Staging::new(dir.path().join("s1"), objects.clone()).expect("staging");
+        let reference = import_directory(&copied, &mut staging, Limits::default()).expect("import");
+        staging.discard();
+        let mut staging = Staging::new(dir.path().join("s2"), objects.clone()).expect("staging");
+        let adopted = import_directory_with(&moved, &mut staging, Limits::default(), None, true)
+            .expect("import");
+        staging.commit().expect("commit");
+        assert_eq!(adopted.tree.digest(), reference.tree.digest());
+        // The new file moved (once: its duplicate stayed); the hard-linked one was copied.
+        assert!(!moved.join("etc/one").exists() || !moved.join("etc/same").exists());
+        assert!(moved.join("linked").exists() && moved.join("etc/linked").exists());
+        for (path, text) in [("etc/one", "one"), ("linked", "shared")] {
+            let digest = adopted
+                .tree
+                .get(path)
+                .and_then(|e| e.digest.clone())
+                .expect("digest");
+            assert_eq!(objects.read(&digest).expect("object"), text.as_bytes());
+        }
     }
 }

@@ -181,6 +181,25 @@ impl Staging {
     }
 
     /// Drop what was staged (the work failed); `gc` would remove it too.
+    /// Stage the content of a file in a scratch directory on the store's filesystem by
+    /// moving it rather than copying it (the caller discards the directory afterwards).
+    pub fn adopt(&mut self, file: &Path) -> anyhow::Result<(String, u64)> {
+        let mut reader = fs_err::File::open(file)?;
+        let mut hasher = Sha256::new();
+        let size = std::io::copy(&mut reader, &mut hasher).context("reading content")?;
+        drop(reader);
+        let digest = hex(&hasher.finalize());
+        let already_staged = self.pending.iter().any(|(d, _)| d == &digest);
+        if !already_staged && !self.objects.has(&digest, size) {
+            self.counter += 1;
+            let temp = self.dir.join(self.counter.to_string());
+            fs_err::rename(file, &temp)?;
+            self.new_bytes += size;
+            self.pending.push((digest.clone(), temp));
+        }
+        Ok((digest, size))
+    }
+
     pub fn discard(self) {
         let _ = fs_err::remove_dir_all(&self.dir);
     }
