@@ -395,8 +395,15 @@ fn export_disk(
     } else {
         output.to_path_buf()
     };
-    let layout = crate::output::disk::write_raw(store, &image, &[], None, &raw);
-    let result = layout.and_then(|layout| {
+    let layout = crate::output::disk::write_raw(
+        store,
+        &image,
+        &[],
+        None,
+        &raw,
+        crate::output::disk::Reuse::Never,
+    );
+    let result = layout.and_then(|(layout, _)| {
         if qcow2 {
             crate::output::disk::write_qcow2(&raw, output)?;
         }

@@ -9,10 +9,14 @@ use serde::de::DeserializeOwned;
 
 /// The file's value, or the default when it is missing or unreadable.
 pub fn load_or_default<T: DeserializeOwned + Default>(path: &Path) -> T {
+    load(path).unwrap_or_default()
+}
+
+/// The file's value, or `None` when it is missing or unreadable.
+pub fn load<T: DeserializeOwned>(path: &Path) -> Option<T> {
     std::fs::read(path)
         .ok()
         .and_then(|data| serde_json::from_slice(&data).ok())
-        .unwrap_or_default()
 }
 
 /// Replace the file with `value`, creating its directory.

@@ -67,6 +67,12 @@ impl Cmd {
 
     /// Run to completion; stdout is returned, stderr kept for the error.
     pub fn output(&self) -> Result<Vec<u8>, CmdError> {
+        self.output_and_stderr().map(|(stdout, _)| stdout)
+    }
+
+    /// [`Cmd::output`] that also returns stderr, for programs that report trouble there
+    /// while exiting 0 (debugfs).
+    pub fn output_and_stderr(&self) -> Result<(Vec<u8>, Vec<u8>), CmdError> {
         let output = Command::new(&self.program)
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
@@ -83,7 +89,7 @@ impl Cmd {
                 source,
             })?;
         if output.status.success() {
-            return Ok(output.stdout);
+            return Ok((output.stdout, output.stderr));
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
         let lines: Vec<&str> = stderr.lines().collect();

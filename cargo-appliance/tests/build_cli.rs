@@ -905,70 +905,61 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
         &format!("forward host={port} guest=80"),
     );
     env.ok(&workspace, &["build", "-a", "web"]);
-
-    // The tools users run on disks accept it.
     let qcow2 = env.target.join("appliance/web/web.qcow2");
-    let check = Command::new("qemu-img")
-        .arg("check")
-        .arg(&qcow2)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
+    let first = root_filesystem(&qcow2, &work.path().join("first"));
+
+    // One copied file changed: the rebuild updates the previous disk's root filesystem in
+    // place of writing it again, and the result holds what a disk written from scratch for
+    // the same image holds. That updated disk is the one booted below.
+    write(
+        &workspace.join("static/index.html"),
+        "<!doctype html><title>web</title><h1>It works, updated</h1>\n",
     );
-    let raw = work.path().join("disk.raw");
-    let convert = Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&qcow2)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img");
-    assert!(convert.success());
-    let dump = Command::new("sfdisk")
-        .arg("--dump")
-        .arg(&raw)
-        .output()
-        .expect("sfdisk");
-    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
-    assert!(dump.contains("label: gpt"), "{dump}");
-    let partitions: Vec<&str> = dump.lines().filter(|l| l.contains("start=")).collect();
-    assert_eq!(partitions.len(), 2, "{dump}");
+    let rebuilt = env.ok(&workspace, &["build", "-a", "web", "-v"]);
     assert!(
-        partitions[0].contains("type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
-        "{dump}"
+        rebuilt.contains("web.qcow2: updated the previous disk's root filesystem"),
+        "{rebuilt}"
     );
-    assert!(
-        partitions[1].contains("type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
-        "{dump}"
+    let updated = root_filesystem(&qcow2, &work.path().join("updated"));
+    let full_disk = work.path().join("full.raw");
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "export",
+            "web",
+            "-o",
+            full_disk.to_str().expect("utf-8"),
+        ],
     );
-    let field = |line: &str, name: &str| -> u64 {
-        line.split(',')
-            .find_map(|f| f.split_once('=').filter(|(k, _)| k.trim().ends_with(name)))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .expect("a number")
-    };
-    let root_fs = work.path().join("root.ext4");
-    let extract = Command::new("dd")
-        .arg(format!("if={}", raw.display()))
-        .arg(format!("of={}", root_fs.display()))
-        .args(["bs=512", "conv=sparse", "status=none"])
-        .arg(format!("skip={}", field(partitions[1], "start")))
-        .arg(format!("count={}", field(partitions[1], "size")))
-        .status()
-        .expect("dd");
-    assert!(extract.success());
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&root_fs)
+    let full = root_filesystem(&full_disk, &work.path().join("full"));
+    let (updated_tree, full_tree) = (
+        work.path().join("updated-tree"),
+        work.path().join("full-tree"),
+    );
+    for (filesystem, tree) in [(&updated, &updated_tree), (&full, &full_tree)] {
+        std::fs::create_dir_all(tree).expect("mkdir");
+        let dump = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump / {}", tree.display()))
+            .arg(filesystem)
+            .output()
+            .expect("debugfs");
+        assert!(dump.status.success());
+    }
+    assert_eq!(tree_listing(&updated_tree), tree_listing(&full_tree));
+    assert_eq!(
+        std::fs::read_to_string(updated_tree.join("srv/www/index.html")).expect("page"),
+        "<!doctype html><title>web</title><h1>It works, updated</h1>\n"
+    );
+    let first_page = Command::new("debugfs")
+        .args(["-R", "cat /srv/www/index.html"])
+        .arg(&first)
         .output()
-        .expect("e2fsck");
-    assert!(
-        fsck.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
+        .expect("debugfs");
+    assert_eq!(
+        String::from_utf8_lossy(&first_page.stdout),
+        "<!doctype html><title>web</title><h1>It works</h1>\n"
     );
 
     // Boot it: KVM when it works here, TCG otherwise; a login prompt on the serial console,
@@ -1047,5 +1038,80 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
         "no login prompt on the serial console:\n{tail}"
     );
     let page = page.expect("nginx answered through the forwarded port");
-    assert!(page.contains("It works"), "{page}");
+    assert!(page.contains("It works, updated"), "{page}");
+}
+
+/// The root filesystem of a disk (qcow2 or raw) as a file of its own, after the tools users
+/// run on disks accepted it: `qemu-img check` (qcow2), `sfdisk --dump` (the GPT layout with
+/// an ESP and a root partition), `e2fsck -fn`.
+fn root_filesystem(disk: &Path, work: &Path) -> PathBuf {
+    std::fs::create_dir_all(work).expect("mkdir");
+    let raw = if disk.extension().is_some_and(|e| e == "qcow2") {
+        let check = Command::new("qemu-img")
+            .arg("check")
+            .arg(disk)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let raw = work.join("disk.raw");
+        let convert = Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(disk)
+            .arg(&raw)
+            .status()
+            .expect("qemu-img");
+        assert!(convert.success());
+        raw
+    } else {
+        disk.to_path_buf()
+    };
+    let dump = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&raw)
+        .output()
+        .expect("sfdisk");
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(dump.contains("label: gpt"), "{dump}");
+    let partitions: Vec<&str> = dump.lines().filter(|l| l.contains("start=")).collect();
+    assert_eq!(partitions.len(), 2, "{dump}");
+    assert!(
+        partitions[0].contains("type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+        "{dump}"
+    );
+    assert!(
+        partitions[1].contains("type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+        "{dump}"
+    );
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(',')
+            .find_map(|f| f.split_once('=').filter(|(k, _)| k.trim().ends_with(name)))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .expect("a number")
+    };
+    let root_fs = work.join("root.ext4");
+    let extract = Command::new("dd")
+        .arg(format!("if={}", raw.display()))
+        .arg(format!("of={}", root_fs.display()))
+        .args(["bs=512", "conv=sparse", "status=none"])
+        .arg(format!("skip={}", field(partitions[1], "start")))
+        .arg(format!("count={}", field(partitions[1], "size")))
+        .status()
+        .expect("dd");
+    assert!(extract.success());
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&root_fs)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    root_fs
 }

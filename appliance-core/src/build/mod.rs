@@ -792,13 +792,16 @@ impl Context<'_> {
             };
             let result = crate::output::write(format, &request);
             spinner.finish_and_clear();
-            let (files, _reused) = result.map_err(|e| {
+            let outcome = result.map_err(|e| {
                 BuildError::Other(e.context(format!(
                     "writing the `{}` output of `{}`",
                     output.format.value, appliance.name.value
                 )))
             })?;
-            written.extend(files);
+            if let Some(note) = &outcome.note {
+                self.reporter.explain(note);
+            }
+            written.extend(outcome.files);
         }
         Ok(written)
     }

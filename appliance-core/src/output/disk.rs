@@ -3,8 +3,9 @@
 //! staged tree; qcow2 is the same disk converted by `qemu-img`. Nothing is mounted: the ESP is
 //! a FAT image filled with mtools and copied in, the root filesystem is written in place by
 //! `mke2fs -E offset=`.
-//! Identifiers (partition and filesystem UUIDs) derive from the tree digest, so one tree gives
-//! one disk.
+//! Identifiers (partition and filesystem UUIDs) derive from the image's name, so an appliance
+//! keeps them across rebuilds; a rebuild updates the previous disk's root filesystem in place
+//! when only its content changed (`disk_update`).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -92,75 +93,83 @@ pub fn command_line(root_uuid: &str, extra: &[String]) -> String {
     words.join(" ")
 }
 
-/// Write `image` as a raw GPT disk at `destination` (sparse). `size` is the manifest's, or
-/// computed from the content with headroom.
-pub fn write_raw(
+/// Whether a disk written earlier at the destination may be updated instead of rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Write from scratch.
+    Never,
+    /// Update a copy of the previous disk, then put it in place: a failed build leaves the
+    /// previous output as it was.
+    Copy,
+    /// Update the previous disk where it is (a work file that nothing else reads).
+    InPlace,
+}
+
+/// How the disk came to be, for the build's `-v` notes.
+#[derive(Debug, Clone)]
+pub enum Written {
+    Full,
+    /// The previous disk's root filesystem was updated: this many entries changed.
+    Updated(usize),
+    /// An update was possible in principle but declined or failed; the disk was rewritten.
+    Rewritten(String),
+}
+
+/// What a disk of an image consists of, decided before anything is written.
+struct Plan {
+    tree: Tree,
+    kernel: String,
+    initrd: String,
+    root_uuid: String,
+    esp_size: u64,
+    root_size: u64,
+    total: u64,
+    loader_entry: String,
+    /// A digest of everything but the root filesystem's content: an earlier disk with the
+    /// same key differs only inside the root filesystem.
+    layout_key: String,
+}
+
+/// What an earlier disk was written from, kept beside it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct DiskState {
+    image: i64,
+    tree_digest: String,
+    layout_key: String,
+}
+
+fn state_path(disk: &Path) -> PathBuf {
+    let name = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    disk.with_file_name(format!(".{}.state.json", name.trim_start_matches('.')))
+}
+
+/// Root filesystem sizes are rounded to this, so a small change keeps the layout.
+const ROOT_SIZE_STEP: u64 = 64 * MIB;
+
+fn plan(
     store: &Store,
     image: &ImageRecord,
     cmdline_extra: &[String],
     size: Option<u64>,
-    destination: &Path,
-) -> anyhow::Result<DiskLayout> {
-    for program in ["mke2fs", "mkfs.vfat", "mcopy", "mmd", "sfdisk"] {
-        if !crate::process::available(program) {
-            bail!(
-                "`{program}` is missing: disk outputs need e2fsprogs, dosfstools, mtools and fdisk (`.ci/install-deps` installs them)"
-            );
-        }
-    }
-    let tree = store.tree(image)?;
+) -> anyhow::Result<Plan> {
+    let mut tree = store.tree(image)?;
     let (kernel, initrd) = kernel_files(&tree)?;
     if tree.get(SYSTEMD_BOOT).is_none() {
         bail!("the image has no /{SYSTEMD_BOOT} (package systemd-boot-efi)");
     }
-    let objects = store.objects();
-    let parent = destination
-        .parent()
-        .context("the disk has no parent directory")?;
-    let work = tempfile::Builder::new()
-        .prefix(".disk-")
-        .tempdir_in(parent)?;
-
-    // The EFI system partition: systemd-boot, a loader entry, the kernel and initramfs.
-    let root_uuid = derived_uuid(&image.tree_digest, "root filesystem");
+    // Identifiers follow the image's name, not its content: a rebuilt appliance keeps its
+    // UUIDs (so fstab and the boot entry stay the same and the disk can be updated).
+    let root_uuid = derived_uuid(&image.name, "root filesystem");
     let kernel_size = tree.get(&kernel).map_or(0, |e| e.size);
     let initrd_size = tree.get(&initrd).map_or(0, |e| e.size);
     let esp_size = ((kernel_size + initrd_size) * 5 / 4 + 32 * MIB)
         .div_ceil(MIB)
         .max(64)
         * MIB;
-    let write_object = |path: &str, to: &Path| -> anyhow::Result<()> {
-        let digest = tree
-            .get(path)
-            .and_then(|e| e.digest.clone())
-            .with_context(|| format!("/{path} has no content"))?;
-        let mut reader = objects.open(&digest)?;
-        let mut file = fs_err::File::create(to)?;
-        std::io::copy(&mut reader, &mut file)?;
-        Ok(())
-    };
-    let staged = work.path().join("esp-files");
-    fs_err::create_dir_all(&staged)?;
-    write_object(SYSTEMD_BOOT, &staged.join("BOOTX64.EFI"))?;
-    write_object(&kernel, &staged.join("vmlinuz"))?;
-    write_object(&initrd, &staged.join("initrd.img"))?;
-    fs_err::write(
-        staged.join("loader.conf"),
-        "default appliance.conf\ntimeout 0\nconsole-mode keep\n",
-    )?;
-    fs_err::write(
-        staged.join("appliance.conf"),
-        format!(
-            "title {}\nlinux /vmlinuz\ninitrd /initrd.img\noptions {}\n",
-            image.reference(),
-            command_line(&root_uuid, cmdline_extra)
-        ),
-    )?;
-    // The root filesystem's content: the tree staged with its real owners.
-    let root_dir = work.path().join("root");
-    let mut tree = tree;
     add_fstab(&mut tree, store, &root_uuid)?;
-    crate::store::export::export_directory(&tree, &objects, &root_dir)?;
     let content: u64 = tree.entries().values().map(|e| e.size).sum();
     let inodes = tree.len() as u64;
     let root_size = match size {
@@ -176,23 +185,204 @@ pub fn write_raw(
             available / MIB * MIB
         }
         // Headroom: a third more than the content, plus 256 MiB for logs and state.
-        None => ((content * 4 / 3 + inodes * 4096 + 256 * MIB) / MIB + 1) * MIB,
+        None => {
+            (content * 4 / 3 + inodes * 4096 + 256 * MIB).div_ceil(ROOT_SIZE_STEP) * ROOT_SIZE_STEP
+        }
     };
+    let total = FIRST_LBA_BYTES + esp_size + root_size + TAIL_BYTES;
+    let loader_entry = format!(
+        "title {}\nlinux /vmlinuz\ninitrd /initrd.img\noptions {}\n",
+        image.name,
+        command_line(&root_uuid, cmdline_extra)
+    );
+    let layout_key = {
+        use sha2::{Digest as _, Sha256};
+        let digest_of = |path: &str| tree.get(path).and_then(|e| e.digest.clone());
+        let mut hasher = Sha256::new();
+        hasher.update(format!(
+            "disk v2\n{root_uuid}\n{esp_size} {root_size} {total}\n{loader_entry}\n{:?} {:?} {:?}\n",
+            digest_of(&kernel),
+            digest_of(&initrd),
+            digest_of(SYSTEMD_BOOT)
+        ));
+        crate::store::tree::hex(&hasher.finalize())
+    };
+    Ok(Plan {
+        tree,
+        kernel,
+        initrd,
+        root_uuid,
+        esp_size,
+        root_size,
+        total,
+        loader_entry,
+        layout_key,
+    })
+}
+
+/// Write `image` as a raw GPT disk at `destination` (sparse). `size` is the manifest's, or
+/// computed from the content with headroom. With `reuse`, a disk written earlier at the
+/// destination for another tree of the same layout is updated rather than rewritten.
+pub fn write_raw(
+    store: &Store,
+    image: &ImageRecord,
+    cmdline_extra: &[String],
+    size: Option<u64>,
+    destination: &Path,
+    reuse: Reuse,
+) -> anyhow::Result<(DiskLayout, Written)> {
+    for program in ["mke2fs", "mkfs.vfat", "mcopy", "mmd", "sfdisk", "debugfs"] {
+        if !crate::process::available(program) {
+            bail!(
+                "`{program}` is missing: disk outputs need e2fsprogs, dosfstools, mtools and fdisk (`.ci/install-deps` installs them)"
+            );
+        }
+    }
+    let plan = plan(store, image, cmdline_extra, size)?;
+    let parent = destination
+        .parent()
+        .context("the disk has no parent directory")?;
+    let work = tempfile::Builder::new()
+        .prefix(".disk-")
+        .tempdir_in(parent)?;
+    let layout = DiskLayout {
+        root_uuid: plan.root_uuid.clone(),
+        size: plan.total,
+    };
+    let state = DiskState {
+        image: image.id,
+        tree_digest: image.tree_digest.clone(),
+        layout_key: plan.layout_key.clone(),
+    };
+    let mut written = Written::Full;
+    if reuse != Reuse::Never {
+        match update(store, &plan, destination, reuse, work.path()) {
+            Ok(Some(changed)) => {
+                crate::json_file::write_atomically(&state_path(destination), &state)?;
+                return Ok((layout, Written::Updated(changed)));
+            }
+            Ok(None) => {}
+            Err(error) => written = Written::Rewritten(format!("{error:#}")),
+        }
+    }
+    let _ = std::fs::remove_file(state_path(destination));
+    write_full(store, image, &plan, destination, work.path())?;
+    crate::json_file::write_atomically(&state_path(destination), &state)?;
+    Ok((layout, written))
+}
+
+/// Update the disk at `destination` when it was written for a tree of the same layout.
+/// `Ok(None)`: there is nothing to update from (or the changes are beyond debugfs).
+fn update(
+    store: &Store,
+    plan: &Plan,
+    destination: &Path,
+    reuse: Reuse,
+    work: &Path,
+) -> anyhow::Result<Option<usize>> {
+    let state_file = state_path(destination);
+    let Some(state) = crate::json_file::load::<DiskState>(&state_file) else {
+        return Ok(None);
+    };
+    if state.layout_key != plan.layout_key
+        || !fs_err::metadata(destination).is_ok_and(|m| m.len() == plan.total)
+    {
+        return Ok(None);
+    }
+    let previous = {
+        let catalog = store.read_catalog()?;
+        match catalog
+            .images()?
+            .into_iter()
+            .find(|i| i.id == state.image && i.tree_digest == state.tree_digest)
+        {
+            Some(previous) => catalog.tree(previous.id)?,
+            None => return Ok(None),
+        }
+    };
+    let mut previous = previous;
+    add_fstab(&mut previous, store, &plan.root_uuid)?;
+    let Some(script) = super::disk_update::script(&previous, &plan.tree) else {
+        return Ok(None);
+    };
+    let disk = match reuse {
+        Reuse::InPlace => {
+            // From here on the disk no longer matches its state.
+            fs_err::remove_file(&state_file)?;
+            destination.to_path_buf()
+        }
+        _ => {
+            let copy = work.join("disk.raw");
+            Cmd::new("cp")
+                .args(["--sparse=always", "--reflink=auto"])
+                .arg(destination)
+                .arg(&copy)
+                .output()
+                .context("copying the previous disk")?;
+            copy
+        }
+    };
+    super::disk_update::apply(
+        &script,
+        &store.objects(),
+        &disk,
+        FIRST_LBA_BYTES + plan.esp_size,
+        work,
+    )?;
+    if disk != destination {
+        fs_err::rename(&disk, destination)?;
+    }
+    Ok(Some(script.changed))
+}
+
+fn write_full(
+    store: &Store,
+    image: &ImageRecord,
+    plan: &Plan,
+    destination: &Path,
+    work: &Path,
+) -> anyhow::Result<()> {
+    let objects = store.objects();
+    let tree = &plan.tree;
+    // The EFI system partition: systemd-boot, a loader entry, the kernel and initramfs.
+    let write_object = |path: &str, to: &Path| -> anyhow::Result<()> {
+        let digest = tree
+            .get(path)
+            .and_then(|e| e.digest.clone())
+            .with_context(|| format!("/{path} has no content"))?;
+        let mut reader = objects.open(&digest)?;
+        let mut file = fs_err::File::create(to)?;
+        std::io::copy(&mut reader, &mut file)?;
+        Ok(())
+    };
+    let staged = work.join("esp-files");
+    fs_err::create_dir_all(&staged)?;
+    write_object(SYSTEMD_BOOT, &staged.join("BOOTX64.EFI"))?;
+    write_object(&plan.kernel, &staged.join("vmlinuz"))?;
+    write_object(&plan.initrd, &staged.join("initrd.img"))?;
+    fs_err::write(
+        staged.join("loader.conf"),
+        "default appliance.conf\ntimeout 0\nconsole-mode keep\n",
+    )?;
+    fs_err::write(staged.join("appliance.conf"), &plan.loader_entry)?;
+    // The root filesystem's content: the tree staged with its real owners.
+    let root_dir = work.join("root");
+    crate::store::export::export_directory(tree, &objects, &root_dir)?;
 
     // The disk: a sparse file and its GPT by sfdisk; the root filesystem is then written in
     // place at its partition's offset (no intermediate image of hundreds of MiB to copy).
-    let total = FIRST_LBA_BYTES + esp_size + root_size + TAIL_BYTES;
-    let disk = work.path().join("disk.raw");
-    fs_err::File::create(&disk)?.set_len(total)?;
+    let (esp_size, root_size, root_uuid) = (plan.esp_size, plan.root_size, &plan.root_uuid);
+    let disk = work.join("disk.raw");
+    fs_err::File::create(&disk)?.set_len(plan.total)?;
     let script = format!(
         "label: gpt\nlabel-id: {}\nfirst-lba: 2048\n\
          start=2048, size={}, type={ESP_TYPE}, uuid={}, name=\"esp\"\n\
          size={}, type={ROOT_TYPE}, uuid={}, name=\"root\"\n",
-        derived_uuid(&image.tree_digest, "disk"),
+        derived_uuid(&image.name, "disk"),
         esp_size / 512,
-        derived_uuid(&image.tree_digest, "esp partition"),
+        derived_uuid(&image.name, "esp partition"),
         root_size / 512,
-        derived_uuid(&image.tree_digest, "root partition"),
+        derived_uuid(&image.name, "root partition"),
     );
     run_with_stdin(
         std::process::Command::new("sfdisk")
@@ -204,8 +394,8 @@ pub fn write_raw(
 
     // The ESP is small: formatted as an image of its own and copied in (mtools cannot read a
     // FAT that `mkfs.vfat --offset` wrote inside a larger file).
-    let volume_id = &derived_uuid(&image.tree_digest, "esp")[..8];
-    let esp = work.path().join("esp.img");
+    let volume_id = &derived_uuid(&image.name, "esp")[..8];
+    let esp = work.join("esp.img");
     Cmd::new("mkfs.vfat")
         .args(["-F", "32", "-n", "ESP", "-i", volume_id, "-C"])
         .arg(&esp)
@@ -240,7 +430,7 @@ pub fn write_raw(
     copy_sparse(&esp, &disk, FIRST_LBA_BYTES)?;
 
     Cmd::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-L", "root", "-U", &root_uuid])
+        .args(["-q", "-F", "-t", "ext4", "-L", "root", "-U", root_uuid])
         .args([
             "-E",
             &format!(
@@ -255,12 +445,10 @@ pub fn write_raw(
         .env("E2FSPROGS_FAKE_TIME", image.created_at.to_string())
         .output()
         .context("writing the root filesystem with mke2fs -d")?;
-    fs_err::File::open(&disk)?.sync_all()?;
+    // An output, like Cargo's: rebuilt if lost, so not flushed here (the writeback of
+    // hundreds of MiB would double the time).
     fs_err::rename(&disk, destination)?;
-    Ok(DiskLayout {
-        root_uuid,
-        size: total,
-    })
+    Ok(())
 }
 
 /// `/etc/fstab` naming the root filesystem by UUID (added to the staged tree only: the
@@ -340,11 +528,17 @@ fn copy_sparse(from: &Path, to: &Path, offset: u64) -> anyhow::Result<()> {
 /// `qemu-img convert` of a raw disk to qcow2.
 pub fn write_qcow2(raw: &Path, destination: &Path) -> anyhow::Result<()> {
     let temp = destination.with_extension("qcow2.partial");
-    Cmd::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(raw)
-        .arg(&temp)
-        .output()
+    let convert = |direct: bool| {
+        let mut command = Cmd::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]);
+        if direct {
+            // Written with O_DIRECT, out of order: hundreds of MiB bypass the page cache,
+            // which makes the conversion about twice as fast; tmpfs has no O_DIRECT.
+            command = command.args(["-t", "none", "-W"]);
+        }
+        command.arg(raw).arg(&temp).output()
+    };
+    convert(true)
+        .or_else(|_| convert(false))
         .context("converting the disk to qcow2 (qemu-img)")?;
     fs_err::rename(&temp, destination)?;
     Ok(())

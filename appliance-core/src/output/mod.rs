@@ -3,6 +3,7 @@
 //! previous output (a stamp file beside it records what it was written from).
 
 pub mod disk;
+mod disk_update;
 pub mod oci;
 
 use std::path::{Path, PathBuf};
@@ -83,8 +84,19 @@ impl Request<'_> {
     }
 }
 
-/// Write (or reuse) one output; returns the files it consists of.
-pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<(Vec<PathBuf>, bool)> {
+/// What writing one output did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The files the output consists of.
+    pub files: Vec<PathBuf>,
+    /// The previous output was still right and kept.
+    pub reused: bool,
+    /// Something worth a `-v` note (how a disk was written).
+    pub note: Option<String>,
+}
+
+/// Write (or reuse) one output.
+pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<Outcome> {
     fs_err::create_dir_all(request.dir)?;
     let name = request.base_name();
     let (files, label) = match format {
@@ -104,11 +116,16 @@ pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<(Vec<PathB
     if files.iter().all(|f| f.exists())
         && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
     {
-        return Ok((files, true));
+        return Ok(Outcome {
+            files,
+            reused: true,
+            note: None,
+        });
     }
     // A stale stamp must not vouch for a half-written output.
     let _ = std::fs::remove_file(&stamp_path);
     let image = request.image()?;
+    let mut note = None;
     match format {
         Format::Tar => {
             let tree = request.store.tree(image)?;
@@ -152,15 +169,18 @@ pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<(Vec<PathB
             )?;
         }
         Format::Raw => {
-            disk::write_raw(
+            let (_, written) = disk::write_raw(
                 request.store,
                 image,
                 request.kernel_cmdline,
                 request.output.size,
                 &files[0],
+                disk::Reuse::Copy,
             )?;
+            note = disk_note(&files[0], &written);
         }
         Format::Qcow2 => {
+            // The raw disk stays beside the qcow2 (hidden), for the next build to update.
             let raw = request.dir.join(format!(".{name}.qcow2-source.raw"));
             let written = disk::write_raw(
                 request.store,
@@ -168,12 +188,35 @@ pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<(Vec<PathB
                 request.kernel_cmdline,
                 request.output.size,
                 &raw,
+                disk::Reuse::InPlace,
             )
-            .and_then(|_| disk::write_qcow2(&raw, &files[0]));
-            let _ = std::fs::remove_file(&raw);
-            written?;
+            .and_then(|(_, written)| {
+                disk::write_qcow2(&raw, &files[0])?;
+                Ok(written)
+            });
+            if written.is_err() {
+                let _ = std::fs::remove_file(&raw);
+            }
+            note = disk_note(&files[0], &written?);
         }
     }
     fs_err::write(&stamp_path, &stamp)?;
-    Ok((files, false))
+    Ok(Outcome {
+        files,
+        reused: false,
+        note,
+    })
+}
+
+fn disk_note(disk: &Path, written: &disk::Written) -> Option<String> {
+    let name = disk.file_name()?.to_string_lossy().into_owned();
+    match written {
+        disk::Written::Full => None,
+        disk::Written::Updated(changed) => Some(format!(
+            "{name}: updated the previous disk's root filesystem ({changed} entries changed)"
+        )),
+        disk::Written::Rewritten(reason) => Some(format!(
+            "{name}: could not update the previous disk ({reason}); wrote it again"
+        )),
+    }
 }
