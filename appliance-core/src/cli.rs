@@ -126,6 +126,9 @@ pub struct SuggestArgs {
     /// Hide suggestions with a lower confidence (0–1)
     #[arg(long, default_value_t = 0.0)]
     pub min_confidence: f64,
+    /// Hide suggestions fewer images than this made
+    #[arg(long, default_value_t = crate::history::suggest::DEFAULT_MIN_IMAGES)]
+    pub min_images: i64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -403,6 +406,7 @@ fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
         limit: args.limit,
         min_support: args.min_support,
         min_confidence: args.min_confidence,
+        min_images: args.min_images,
     };
     let store = match crate::commands::open_store(global) {
         Ok(store) => store,

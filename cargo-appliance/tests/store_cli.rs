@@ -610,3 +610,77 @@ fn derived_imports_record_their_changes_and_history_follows_the_images() {
     ok(&store, &["image", "rm", "web"]);
     assert!(export("after-rm.jsonl").is_empty());
 }
+
+/// HOSTILE item 34: the disk fills up during an import. The store sits on a 48 MiB tmpfs
+/// mounted in a private mount namespace (nothing outside the test sees it); a 64 MiB import
+/// fails with the system's message, and afterwards fsck is clean, the half image is not
+/// listed, its staged objects are gone, and a small import fits again.
+#[test]
+fn a_full_disk_during_an_import_is_a_clear_error_and_the_store_stays_consistent() {
+    if !is_root() {
+        panic!("the full-disk test needs root to mount a small tmpfs in its own namespace");
+    }
+    let work = tempfile::tempdir().expect("temp dir");
+    let small = work.path().join("small");
+    std::fs::create_dir_all(small.join("etc")).expect("mkdir");
+    std::fs::write(small.join("etc/motd"), "small\n").expect("write");
+    let big = work.path().join("big");
+    std::fs::create_dir_all(&big).expect("mkdir");
+    let mut noise = vec![0u8; 64 << 20];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for chunk in noise.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(big.join("noise"), &noise).expect("write");
+    let mount_point = work.path().join("small-disk");
+    std::fs::create_dir_all(&mount_point).expect("mkdir");
+    let results = work.path().join("results");
+    std::fs::create_dir_all(&results).expect("mkdir");
+    let script = r#"
+        set -u
+        mount -t tmpfs -o size=48m tmpfs "$DISK" || exit 90
+        "$BIN" --store "$DISK/store" image import small "$SMALL" || exit 91
+        "$BIN" --store "$DISK/store" image import big "$BIG" 2>"$OUT/big.err"
+        echo $? >"$OUT/big.status"
+        "$BIN" --store "$DISK/store" fsck >"$OUT/fsck.out" 2>&1
+        echo $? >"$OUT/fsck.status"
+        "$BIN" --store "$DISK/store" images --message-format json >"$OUT/images.json"
+        ls -A "$DISK/store/staging" >"$OUT/staging" 2>/dev/null
+        "$BIN" --store "$DISK/store" image import small-again "$SMALL" 2>"$OUT/again.err"
+        echo $? >"$OUT/again.status"
+    "#;
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("DISK", &mount_point)
+        .env("BIN", env!("CARGO_BIN_EXE_cargo-appliance"))
+        .env("SMALL", &small)
+        .env("BIG", &big)
+        .env("OUT", &results)
+        .status()
+        .expect("unshare runs");
+    assert!(status.success(), "the namespace script failed: {status}");
+    let read = |name: &str| std::fs::read_to_string(results.join(name)).unwrap_or_default();
+    assert_ne!(read("big.status").trim(), "0", "the big import cannot fit");
+    let error = read("big.err");
+    assert!(error.contains("No space left on device"), "{error}");
+    assert!(
+        error.contains("noise"),
+        "the error names the entry: {error}"
+    );
+    assert_eq!(read("fsck.status").trim(), "0", "{}", read("fsck.out"));
+    let listed: Vec<String> = read("images.json")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|image| image["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(listed, ["small"]);
+    assert_eq!(
+        read("staging").trim(),
+        "",
+        "the failed import's staging is gone"
+    );
+    assert_eq!(read("again.status").trim(), "0", "{}", read("again.err"));
+}

@@ -227,3 +227,39 @@ fn on_the_shared_corpus_suggestions_beat_popularity() {
         "recall@5 {ours:.3} fell below 1.5x the baseline {baseline:.3}"
     );
 }
+
+#[test]
+fn a_young_store_makes_no_suggestion_from_one_or_two_images() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let history = dir.path().join("young.jsonl");
+    std::fs::write(
+        &history,
+        "{\"parent\":\"debian/bookworm\",\"child\":\"a\",\"changes\":[{\"kind\":\"package-added\",\"subject\":\"nginx\"},{\"kind\":\"package-added\",\"subject\":\"vim\"}]}\n\
+         {\"parent\":\"debian/bookworm\",\"child\":\"b\",\"changes\":[{\"kind\":\"package-added\",\"subject\":\"nginx\"},{\"kind\":\"package-added\",\"subject\":\"vim\"}]}\n\
+         {\"parent\":\"debian/bookworm\",\"child\":\"c\",\"changes\":[{\"kind\":\"package-added\",\"subject\":\"curl\"}]}\n",
+    )
+    .expect("write");
+    ok(
+        &store,
+        dir.path(),
+        &["history", "import", history.to_str().expect("utf-8")],
+    );
+    let workspace = fixtures().join("suggest");
+    let subjects = |extra: &[&str]| -> Vec<String> {
+        let output = ok(
+            &store,
+            &workspace,
+            &[&["suggest", "-a", "web", "--message-format", "json"], extra].concat(),
+        );
+        json_lines(&output)
+            .iter()
+            .filter_map(|m| m["subject"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert!(subjects(&[]).is_empty(), "two images are not a habit");
+    assert!(
+        subjects(&["--min-images", "2"]).contains(&"vim".to_owned()),
+        "the threshold is the user's"
+    );
+}

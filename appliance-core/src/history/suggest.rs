@@ -19,7 +19,12 @@ pub struct SuggestOptions {
     pub limit: usize,
     pub min_support: f64,
     pub min_confidence: f64,
+    /// Images that must have made the change: on a young store "2 of 3 images" is an
+    /// accident, not a habit.
+    pub min_images: i64,
 }
+
+pub const DEFAULT_MIN_IMAGES: i64 = 3;
 
 impl Default for SuggestOptions {
     fn default() -> Self {
@@ -27,6 +32,7 @@ impl Default for SuggestOptions {
             limit: 5,
             min_support: 0.0,
             min_confidence: 0.0,
+            min_images: DEFAULT_MIN_IMAGES,
         }
     }
 }
@@ -235,8 +241,8 @@ fn cache_key(store: &Store, report: &CheckReport, options: &SuggestOptions) -> S
     let mut hasher = Sha256::new();
     hasher.update(store.catalog_stamp());
     hasher.update(format!(
-        "{} {} {}\n",
-        options.limit, options.min_support, options.min_confidence
+        "{} {} {} {}\n",
+        options.limit, options.min_support, options.min_confidence, options.min_images
     ));
     hasher.update(serde_json::to_string(&report.checked).unwrap_or_default());
     for manifest in &report.manifests {
@@ -323,7 +329,10 @@ fn compute(
                 continue;
             }
             let evidence = evidence_excluding(conn, &scope_pattern, &own, &scored.change, &known)?;
-            if evidence.support < min_support || evidence.confidence < min_confidence {
+            if evidence.support < min_support
+                || evidence.confidence < min_confidence
+                || evidence.scope_with < options.min_images
+            {
                 continue;
             }
             rank += 1;
