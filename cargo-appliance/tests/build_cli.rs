@@ -933,21 +933,33 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
         ],
     );
     let full = root_filesystem(&full_disk, &work.path().join("full"));
-    let (updated_tree, full_tree) = (
-        work.path().join("updated-tree"),
-        work.path().join("full-tree"),
+    // Modes (with setuid and sticky bits), owners, sizes and device nodes, as the
+    // filesystems hold them, against the store's own export of the image.
+    let exported = work.path().join("exported");
+    env.ok(
+        Path::new("/"),
+        &[
+            "image",
+            "export",
+            "web",
+            "-o",
+            exported.to_str().expect("utf-8"),
+        ],
     );
-    for (filesystem, tree) in [(&updated, &updated_tree), (&full, &full_tree)] {
-        std::fs::create_dir_all(tree).expect("mkdir");
-        let dump = Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("rdump / {}", tree.display()))
-            .arg(filesystem)
-            .output()
-            .expect("debugfs");
-        assert!(dump.status.success());
-    }
-    assert_eq!(tree_listing(&updated_tree), tree_listing(&full_tree));
+    let mut expected = directory_listing(&exported);
+    // The disk's fstab names its root filesystem; the image's own is the one it came with.
+    expected.remove("etc/fstab");
+    assert_eq!(filesystem_listing(&full, &expected), expected);
+    assert_eq!(filesystem_listing(&updated, &expected), expected);
+    let updated_tree = work.path().join("updated-tree");
+    std::fs::create_dir_all(&updated_tree).expect("mkdir");
+    let dump = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump /srv {}", updated_tree.display()))
+        .arg(&updated)
+        .output()
+        .expect("debugfs");
+    assert!(dump.status.success());
     assert_eq!(
         std::fs::read_to_string(updated_tree.join("srv/www/index.html")).expect("page"),
         "<!doctype html><title>web</title><h1>It works, updated</h1>\n"
@@ -1039,6 +1051,95 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
     );
     let page = page.expect("nginx answered through the forwarded port");
     assert!(page.contains("It works, updated"), "{page}");
+}
+
+/// `path mode uid gid size` of every entry under `root` (sizes of regular files only), as
+/// lstat sees them.
+fn directory_listing(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut listing = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("readdir").flatten() {
+            let meta = std::fs::symlink_metadata(entry.path()).expect("lstat");
+            let path = entry
+                .path()
+                .strip_prefix(root)
+                .expect("under root")
+                .to_string_lossy()
+                .into_owned();
+            let size = if meta.is_file() { meta.len() } else { 0 };
+            listing.insert(
+                path,
+                format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid()),
+            );
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    listing
+}
+
+/// The same listing read from an ext4 filesystem with `debugfs ls -p`, for the directories
+/// `expected` has (what the disk adds, lost+found and its fstab, left out).
+fn filesystem_listing(
+    filesystem: &Path,
+    expected: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut directories: Vec<&str> = vec![""];
+    directories.extend(
+        expected
+            .iter()
+            .filter(|(_, line)| {
+                line.split(' ')
+                    .next()
+                    .and_then(|mode| u32::from_str_radix(mode, 8).ok())
+                    .is_some_and(|mode| mode & 0o170000 == 0o040000)
+            })
+            .map(|(path, _)| path.as_str()),
+    );
+    let script: String = directories
+        .iter()
+        .map(|dir| format!("ls -p \"/{dir}\"\n"))
+        .collect();
+    let script_path = filesystem.with_extension("ls.debugfs");
+    std::fs::write(&script_path, script).expect("write");
+    let output = Command::new("debugfs")
+        .arg("-f")
+        .arg(&script_path)
+        .arg(filesystem)
+        .output()
+        .expect("debugfs");
+    assert!(output.status.success());
+    let mut listing = std::collections::BTreeMap::new();
+    let mut current = String::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if let Some(dir) = line.strip_prefix("debugfs: ls -p \"/") {
+            current = dir.trim_end_matches('"').to_owned();
+            continue;
+        }
+        // /inode/mode/uid/gid/name/size/
+        let fields: Vec<&str> = line.split('/').collect();
+        if fields.len() < 7 || matches!(fields[5], "." | "..") {
+            continue;
+        }
+        let path = if current.is_empty() {
+            fields[5].to_owned()
+        } else {
+            format!("{current}/{}", fields[5])
+        };
+        if path == "lost+found" || path == "etc/fstab" {
+            continue;
+        }
+        let mode = u32::from_str_radix(fields[2], 8).expect("octal mode");
+        let size = if mode & 0o170000 == 0o100000 {
+            fields[6]
+        } else {
+            "0"
+        };
+        listing.insert(path, format!("{mode:o} {} {} {size}", fields[3], fields[4]));
+    }
+    listing
 }
 
 /// The root filesystem of a disk (qcow2 or raw) as a file of its own, after the tools users

@@ -1,11 +1,10 @@
 //! Bootable disk outputs: a sparse GPT disk with an EFI system partition (systemd-boot, the
-//! image's kernel and initramfs) and an ext4 root partition written by `mke2fs -d` from a
-//! staged tree; qcow2 is the same disk converted by `qemu-img`. Nothing is mounted: the ESP is
-//! a FAT image filled with mtools and copied in, the root filesystem is written in place by
-//! `mke2fs -E offset=`.
+//! image's kernel and initramfs) and an ext4 root partition made by `mke2fs -E offset=` and
+//! filled by debugfs from the store's objects (`ext4`); qcow2 is the same disk converted by
+//! `qemu-img`. Nothing is mounted: the ESP is a FAT image filled with mtools and copied in.
 //! Identifiers (partition and filesystem UUIDs) derive from the image's name, so an appliance
 //! keeps them across rebuilds; a rebuild updates the previous disk's root filesystem in place
-//! when only its content changed (`disk_update`).
+//! when only its content changed (`ext4`).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -302,7 +301,7 @@ fn update(
     };
     let mut previous = previous;
     add_fstab(&mut previous, store, &plan.root_uuid)?;
-    let Some(script) = super::disk_update::script(&previous, &plan.tree) else {
+    let Some(script) = super::ext4::script(&previous, &plan.tree) else {
         return Ok(None);
     };
     let disk = match reuse {
@@ -322,7 +321,7 @@ fn update(
             copy
         }
     };
-    super::disk_update::apply(
+    super::ext4::apply(
         &script,
         &store.objects(),
         &disk,
@@ -365,10 +364,6 @@ fn write_full(
         "default appliance.conf\ntimeout 0\nconsole-mode keep\n",
     )?;
     fs_err::write(staged.join("appliance.conf"), &plan.loader_entry)?;
-    // The root filesystem's content: the tree staged with its real owners.
-    let root_dir = work.join("root");
-    crate::store::export::export_directory(tree, &objects, &root_dir)?;
-
     // The disk: a sparse file and its GPT by sfdisk; the root filesystem is then written in
     // place at its partition's offset (no intermediate image of hundreds of MiB to copy).
     let (esp_size, root_size, root_uuid) = (plan.esp_size, plan.root_size, &plan.root_uuid);
@@ -429,22 +424,37 @@ fn write_full(
     }
     copy_sparse(&esp, &disk, FIRST_LBA_BYTES)?;
 
-    Cmd::new("mke2fs")
+    // The root filesystem, in place at its partition's offset: written by debugfs from the
+    // store's objects into an empty ext4, or (for names debugfs cannot quote) by `mke2fs -d`
+    // from the tree staged as a directory.
+    let script = super::ext4::populate(tree);
+    let staged_root = match script {
+        Some(_) => None,
+        None => {
+            let root_dir = work.join("root");
+            crate::store::export::export_directory(tree, &objects, &root_dir)?;
+            Some(root_dir)
+        }
+    };
+    let root_offset = FIRST_LBA_BYTES + esp_size;
+    let mut mke2fs = Cmd::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-L", "root", "-U", root_uuid])
         .args([
             "-E",
-            &format!(
-                "hash_seed={root_uuid},root_owner=0:0,offset={}",
-                FIRST_LBA_BYTES + esp_size
-            ),
-        ])
-        .arg("-d")
-        .arg(&root_dir)
+            &format!("hash_seed={root_uuid},root_owner=0:0,offset={root_offset}"),
+        ]);
+    if let Some(root_dir) = &staged_root {
+        mke2fs = mke2fs.arg("-d").arg(root_dir);
+    }
+    mke2fs
         .arg(&disk)
         .arg(format!("{}k", root_size / 1024))
         .env("E2FSPROGS_FAKE_TIME", image.created_at.to_string())
         .output()
-        .context("writing the root filesystem with mke2fs -d")?;
+        .context("writing the root filesystem with mke2fs")?;
+    if let Some(script) = &script {
+        super::ext4::apply(script, &objects, &disk, root_offset, work)?;
+    }
     // An output, like Cargo's: rebuilt if lost, so not flushed here (the writeback of
     // hundreds of MiB would double the time).
     fs_err::rename(&disk, destination)?;

@@ -3,7 +3,7 @@
 //! previous output (a stamp file beside it records what it was written from).
 
 pub mod disk;
-mod disk_update;
+mod ext4;
 pub mod oci;
 
 use std::path::{Path, PathBuf};
