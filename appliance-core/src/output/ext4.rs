@@ -22,8 +22,9 @@ use crate::store::tree::{Entry, EntryKind, Tree};
 /// A debugfs script and what it reads.
 #[derive(Debug, Default)]
 pub struct Script {
-    /// Commands; `{OBJECT:<digest>}` stands for the path of an object, `{XATTR:<n>}` for
-    /// the file holding the n-th xattr value.
+    /// Commands; `\0OBJECT:<digest>\0` stands for the path of an object, `\0XATTR:<n>\0`
+    /// for the file holding the n-th xattr value (NUL is in no name, so no name is mistaken
+    /// for a placeholder).
     pub commands: String,
     /// Digests of the contents `write` commands read.
     pub contents: BTreeSet<String>,
@@ -32,13 +33,11 @@ pub struct Script {
     pub changed: usize,
 }
 
-/// A name debugfs reads back as written inside double quotes.
+/// A name debugfs reads back as written inside double quotes (backslashes are literal there:
+/// systemd's `system-systemd\x2dcryptsetup.slice` is fine). Commands that take options get
+/// names as `./name` or `/path`, so a leading `-` is never read as one.
 fn quotable(path: &str) -> bool {
-    !path.is_empty()
-        && path
-            .chars()
-            .all(|c| c != '"' && c != '\\' && !c.is_control())
-        && !path.split('/').any(|part| part.starts_with('-'))
+    !path.is_empty() && path.chars().all(|c| c != '"' && !c.is_control())
 }
 
 fn type_bits(kind: EntryKind) -> Option<u32> {
@@ -145,12 +144,12 @@ pub fn script(old: &Tree, new: &Tree) -> Option<Script> {
             }
             EntryKind::File => {
                 let digest = entry.digest.clone()?;
-                let _ = writeln!(commands, "write \"{{OBJECT:{digest}}}\" \"{name}\"");
+                let _ = writeln!(commands, "write \"\0OBJECT:{digest}\0\" \"{name}\"");
                 out.contents.insert(digest);
             }
             EntryKind::Symlink => {
                 let target = entry.link_target.as_deref()?;
-                if !quotable(target.trim_start_matches('/')) {
+                if !quotable(target) || target.starts_with('-') {
                     return None;
                 }
                 let _ = writeln!(commands, "symlink \"{name}\" \"{target}\"");
@@ -244,13 +243,13 @@ pub fn populate(tree: &Tree) -> Option<Script> {
             }
             EntryKind::File => {
                 let digest = entry.digest.clone()?;
-                let _ = writeln!(commands, "write \"{{OBJECT:{digest}}}\" \"{name}\"");
+                let _ = writeln!(commands, "write \"\0OBJECT:{digest}\0\" \"{name}\"");
                 out.contents.insert(digest);
                 0o444
             }
             EntryKind::Symlink => {
                 let target = entry.link_target.as_deref()?;
-                if !quotable(target.trim_start_matches('/')) {
+                if !quotable(target) || target.starts_with('-') {
                     return None;
                 }
                 let _ = writeln!(commands, "symlink \"{name}\" \"{target}\"");
@@ -274,13 +273,13 @@ pub fn populate(tree: &Tree) -> Option<Script> {
         };
         if entry.mode & 0o7777 != created_mode {
             let mode = type_bits(entry.kind)? | (entry.mode & 0o7777);
-            let _ = writeln!(commands, "sif \"{name}\" mode 0{mode:o}");
+            let _ = writeln!(commands, "sif \"./{name}\" mode 0{mode:o}");
         }
         if entry.uid != 0 {
-            let _ = writeln!(commands, "sif \"{name}\" uid {}", entry.uid);
+            let _ = writeln!(commands, "sif \"./{name}\" uid {}", entry.uid);
         }
         if entry.gid != 0 {
-            let _ = writeln!(commands, "sif \"{name}\" gid {}", entry.gid);
+            let _ = writeln!(commands, "sif \"./{name}\" gid {}", entry.gid);
         }
         for (key, value) in &entry.xattrs {
             if !quotable(key) {
@@ -288,7 +287,7 @@ pub fn populate(tree: &Tree) -> Option<Script> {
             }
             let _ = writeln!(
                 commands,
-                "ea_set -f \"{{XATTR:{}}}\" \"{name}\" \"{key}\"",
+                "ea_set -f \"\0XATTR:{}\0\" \"./{name}\" \"{key}\"",
                 out.xattr_values.len()
             );
             out.xattr_values.push(value.clone());
@@ -339,18 +338,15 @@ pub fn apply(
     offset: u64,
     work: &Path,
 ) -> anyhow::Result<()> {
-    let mut commands = script.commands.clone();
+    let mut paths: std::collections::HashMap<String, String> = Default::default();
     for digest in &script.contents {
         std::io::copy(&mut objects.open(digest)?, &mut std::io::sink())
             .with_context(|| format!("verifying object {digest}"))?;
         let path = objects.path(digest);
-        let Some(text) = path
-            .to_str()
-            .filter(|p| quotable(p.trim_start_matches('/')))
-        else {
+        let Some(text) = path.to_str().filter(|p| quotable(p)) else {
             bail!("the store's path cannot be quoted for debugfs");
         };
-        commands = commands.replace(&format!("{{OBJECT:{digest}}}"), text);
+        paths.insert(format!("OBJECT:{digest}"), text.to_owned());
     }
     if !script.xattr_values.is_empty() {
         let values = work.join("xattrs");
@@ -358,15 +354,13 @@ pub fn apply(
         for (index, value) in script.xattr_values.iter().enumerate() {
             let file = values.join(index.to_string());
             fs_err::write(&file, value)?;
-            let Some(text) = file
-                .to_str()
-                .filter(|p| quotable(p.trim_start_matches('/')))
-            else {
+            let Some(text) = file.to_str().filter(|p| quotable(p)) else {
                 bail!("the work directory's path cannot be quoted for debugfs");
             };
-            commands = commands.replace(&format!("{{XATTR:{index}}}"), text);
+            paths.insert(format!("XATTR:{index}"), text.to_owned());
         }
     }
+    let commands = fill(&script.commands, &paths)?;
     let script_path = work.join("ext4.debugfs");
     fs_err::write(&script_path, commands)?;
     let (_, stderr) = Cmd::new("debugfs")
@@ -387,6 +381,30 @@ pub fn apply(
         bail!("debugfs: {}", complaints.join("; "));
     }
     Ok(())
+}
+
+/// The commands with each `\0NAME\0` placeholder replaced, in one pass (a script names
+/// thousands of objects).
+fn fill(
+    commands: &str,
+    values: &std::collections::HashMap<String, String>,
+) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(commands.len() * 2);
+    let mut rest = commands;
+    while let Some(start) = rest.find('\0') {
+        out.push_str(&rest[..start]);
+        let Some(length) = rest[start + 1..].find('\0') else {
+            bail!("an unterminated placeholder in the debugfs script");
+        };
+        let key = &rest[start + 1..start + 1 + length];
+        let value = values
+            .get(key)
+            .with_context(|| format!("no value for {key} in the debugfs script"))?;
+        out.push_str(value);
+        rest = &rest[start + length + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -436,8 +454,8 @@ mod tests {
                 .unwrap_or_else(|| panic!("no {line:?} in {lines:#?}"))
         };
         assert!(at("rm \"/etc/old/file\"") < at("rmdir \"/etc/old\""));
-        assert!(at("rm \"/etc/edited\"") < at("write \"{OBJECT:e2}\" \"edited\""));
-        assert!(at("mkdir \"new\"") < at("write \"{OBJECT:n}\" \"file\""));
+        assert!(at("rm \"/etc/edited\"") < at("write \"\0OBJECT:e2\0\" \"edited\""));
+        assert!(at("mkdir \"new\"") < at("write \"\0OBJECT:n\0\" \"file\""));
         assert!(at("sif \"/etc/kept\" mode 0100600") > at("cd /"));
         assert!(lines.contains(&"sif \"/etc/edited\" mode 0100640"));
         assert!(lines.contains(&"sif \"/etc/new\" mode 040750"));
@@ -495,6 +513,11 @@ mod tests {
             ("usr/bin", Entry::dir(0o755)),
             ("usr/bin/ping", capability),
             ("usr/bin/readonly", file("ro", 0o444)),
+            (
+                "usr/bin/system-systemd\\x2dcryptsetup.slice",
+                file("unit", 0o644),
+            ),
+            ("usr/bin/-dash", file("dash", 0o644)),
             // Sorted first, created last: after its target.
             (
                 "a-link",
@@ -513,9 +536,9 @@ mod tests {
                 .position(|l| *l == line)
                 .unwrap_or_else(|| panic!("no {line:?} in {lines:#?}"))
         };
-        assert!(at("set_current_time @1700000000") < at("write \"{OBJECT:conf}\" \"app.conf\""));
-        assert!(lines.contains(&"sif \"app.conf\" mode 0100640"));
-        assert!(lines.contains(&"sif \"app.conf\" gid 33"));
+        assert!(at("set_current_time @1700000000") < at("write \"\0OBJECT:conf\0\" \"app.conf\""));
+        assert!(lines.contains(&"sif \"./app.conf\" mode 0100640"));
+        assert!(lines.contains(&"sif \"./app.conf\" gid 33"));
         assert!(
             !lines.iter().any(|l| l.contains("\"app.conf\" uid")),
             "root is the default"
@@ -524,9 +547,14 @@ mod tests {
             !lines.iter().any(|l| l.contains("\"readonly\" mode")),
             "0444 is the default"
         );
-        assert!(lines.contains(&"ea_set -f \"{XATTR:0}\" \"ping\" \"security.capability\""));
+        assert!(lines.contains(&"ea_set -f \"\0XATTR:0\0\" \"./ping\" \"security.capability\""));
         assert_eq!(script.xattr_values, [vec![1, 0, 0, 2]]);
-        assert!(at("ln \"/usr/bin/ping\" \"a-link\"") > at("write \"{OBJECT:ping}\" \"ping\""));
+        assert!(at("ln \"/usr/bin/ping\" \"a-link\"") > at("write \"\0OBJECT:ping\0\" \"ping\""));
         assert!(lines.contains(&"sif \"/usr/bin/ping\" links_count 2"));
+        // Backslashes are literal inside debugfs quotes; a leading dash is no option as ./-x.
+        assert!(
+            lines.contains(&"write \"\0OBJECT:unit\0\" \"system-systemd\\x2dcryptsetup.slice\"")
+        );
+        assert!(lines.contains(&"sif \"./-dash\" mode 0100644"));
     }
 }
