@@ -137,38 +137,10 @@ pub fn script(old: &Tree, new: &Tree) -> Option<Script> {
     for path in &created {
         let entry = new.get(path)?;
         let (parent, name) = split(path);
-        let _ = writeln!(commands, "cd \"/{parent}\"");
-        match entry.kind {
-            EntryKind::Dir => {
-                let _ = writeln!(commands, "mkdir \"{name}\"");
-            }
-            EntryKind::File => {
-                let digest = entry.digest.clone()?;
-                let _ = writeln!(commands, "write \"\0OBJECT:{digest}\0\" \"{name}\"");
-                out.contents.insert(digest);
-            }
-            EntryKind::Symlink => {
-                let target = entry.link_target.as_deref()?;
-                if !quotable(target) || target.starts_with('-') {
-                    return None;
-                }
-                let _ = writeln!(commands, "symlink \"{name}\" \"{target}\"");
-            }
-            EntryKind::CharDevice | EntryKind::BlockDevice => {
-                let (major, minor) = entry.device?;
-                let letter = if entry.kind == EntryKind::CharDevice {
-                    'c'
-                } else {
-                    'b'
-                };
-                let _ = writeln!(commands, "mknod \"{name}\" {letter} {major} {minor}");
-            }
-            EntryKind::Fifo => {
-                let _ = writeln!(commands, "mknod \"{name}\" p");
-            }
-            EntryKind::Hardlink | EntryKind::Socket => return None,
-        }
+        let _ = writeln!(out.commands, "cd \"/{parent}\"");
+        create(&mut out, entry, name)?;
     }
+    let commands = &mut out.commands;
     let _ = writeln!(commands, "cd /");
     // Modes, owners and times of what was created or changed, and the mtimes of the
     // directories whose listings changed (debugfs leaves those at the time of the edit).
@@ -192,6 +164,49 @@ pub fn script(old: &Tree, new: &Tree) -> Option<Script> {
         let _ = writeln!(commands, "sif {quoted} mtime @{}", entry.mtime.max(0));
     }
     Some(out)
+}
+
+/// Append the command that creates `entry` as `name` in debugfs's current directory;
+/// returns the permission bits debugfs gives it (write takes the object file's 0444, mkdir
+/// 0755, symlink 0777, mknod none; owners are root), or `None` for what the scripts do not
+/// create (hard links are linked separately, sockets not at all).
+fn create(out: &mut Script, entry: &Entry, name: &str) -> Option<u32> {
+    let commands = &mut out.commands;
+    Some(match entry.kind {
+        EntryKind::Dir => {
+            let _ = writeln!(commands, "mkdir \"{name}\"");
+            0o755
+        }
+        EntryKind::File => {
+            let digest = entry.digest.clone()?;
+            let _ = writeln!(commands, "write \"\0OBJECT:{digest}\0\" \"{name}\"");
+            out.contents.insert(digest);
+            0o444
+        }
+        EntryKind::Symlink => {
+            let target = entry.link_target.as_deref()?;
+            if !quotable(target) || target.starts_with('-') {
+                return None;
+            }
+            let _ = writeln!(commands, "symlink \"{name}\" \"{target}\"");
+            0o777
+        }
+        EntryKind::CharDevice | EntryKind::BlockDevice => {
+            let (major, minor) = entry.device?;
+            let letter = if entry.kind == EntryKind::CharDevice {
+                'c'
+            } else {
+                'b'
+            };
+            let _ = writeln!(commands, "mknod \"{name}\" {letter} {major} {minor}");
+            0
+        }
+        EntryKind::Fifo => {
+            let _ = writeln!(commands, "mknod \"{name}\" p");
+            0
+        }
+        EntryKind::Hardlink | EntryKind::Socket => return None,
+    })
 }
 
 /// The script that writes `tree` into an empty ext4 (`mke2fs` without `-d`), or `None` when
@@ -234,43 +249,8 @@ pub fn populate(tree: &Tree) -> Option<Script> {
             let _ = writeln!(commands, "set_current_time @{}", entry.mtime.max(0));
             clock = Some(entry.mtime);
         }
-        // What debugfs gives a new entry: write takes the object file's mode (0444),
-        // mkdir 0755, symlink 0777, mknod no permission bits; owners are root.
-        let created_mode = match entry.kind {
-            EntryKind::Dir => {
-                let _ = writeln!(commands, "mkdir \"{name}\"");
-                0o755
-            }
-            EntryKind::File => {
-                let digest = entry.digest.clone()?;
-                let _ = writeln!(commands, "write \"\0OBJECT:{digest}\0\" \"{name}\"");
-                out.contents.insert(digest);
-                0o444
-            }
-            EntryKind::Symlink => {
-                let target = entry.link_target.as_deref()?;
-                if !quotable(target) || target.starts_with('-') {
-                    return None;
-                }
-                let _ = writeln!(commands, "symlink \"{name}\" \"{target}\"");
-                0o777
-            }
-            EntryKind::CharDevice | EntryKind::BlockDevice => {
-                let (major, minor) = entry.device?;
-                let letter = if entry.kind == EntryKind::CharDevice {
-                    'c'
-                } else {
-                    'b'
-                };
-                let _ = writeln!(commands, "mknod \"{name}\" {letter} {major} {minor}");
-                0
-            }
-            EntryKind::Fifo => {
-                let _ = writeln!(commands, "mknod \"{name}\" p");
-                0
-            }
-            EntryKind::Hardlink | EntryKind::Socket => continue,
-        };
+        let created_mode = create(&mut out, entry, name)?;
+        let commands = &mut out.commands;
         if entry.mode & 0o7777 != created_mode {
             let mode = type_bits(entry.kind)? | (entry.mode & 0o7777);
             let _ = writeln!(commands, "sif \"./{name}\" mode 0{mode:o}");

@@ -259,7 +259,8 @@ pub fn install(
     let cached_source_cache = cached_lists.join(SOURCE_CACHE);
     let lists_from_cache = cached_lists.is_dir() && (fresh || request.offline);
     if lists_from_cache {
-        link_dir_files(&cached_lists, &lists)?;
+        // Linked, not copied: `apt-get install` only reads them, and `clear_dir` unlinks them.
+        copy_dir_files(&cached_lists, &lists, true)?;
         // apt's parsed form of the lists, valid while they are the same files: saves apt
         // parsing tens of MiB of indexes on every run.
         if cached_source_cache.is_file() {
@@ -447,7 +448,7 @@ fn save_lists(lists: &Path, cached: &Path) -> anyhow::Result<()> {
     let temp = tempfile::Builder::new()
         .prefix(".lists-")
         .tempdir_in(parent)?;
-    copy_dir_files(lists, temp.path())?;
+    copy_dir_files(lists, temp.path(), false)?;
     fs_err::write(temp.path().join(".fetched"), b"")?;
     let temp = temp.keep();
     if cached.exists() {
@@ -465,29 +466,16 @@ fn is_list_file(name: &std::ffi::OsStr) -> bool {
     name != "lock" && !name.as_encoded_bytes().starts_with(b".")
 }
 
-/// Copy the regular files of one directory into another (no recursion: apt's lists are flat).
-fn copy_dir_files(from: &Path, to: &Path) -> anyhow::Result<()> {
-    fs_err::create_dir_all(to)?;
-    for entry in fs_err::read_dir(from)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if entry.file_type()?.is_file() && is_list_file(&name) {
-            fs_err::copy(entry.path(), to.join(&name))?;
-        }
-    }
-    Ok(())
-}
-
-/// Offer the cached lists to apt without copying them: `apt-get install` only reads them,
-/// and `clear_dir` unlinks them afterwards.
-fn link_dir_files(from: &Path, to: &Path) -> anyhow::Result<()> {
+/// Copy (or hard-link, falling back to a copy) the list files of one directory into another
+/// (no recursion: apt's lists are flat).
+fn copy_dir_files(from: &Path, to: &Path, link: bool) -> anyhow::Result<()> {
     fs_err::create_dir_all(to)?;
     for entry in fs_err::read_dir(from)? {
         let entry = entry?;
         let name = entry.file_name();
         if entry.file_type()?.is_file() && is_list_file(&name) {
             let target = to.join(&name);
-            if std::fs::hard_link(entry.path(), &target).is_err() {
+            if !link || std::fs::hard_link(entry.path(), &target).is_err() {
                 fs_err::copy(entry.path(), &target)?;
             }
         }
