@@ -55,6 +55,20 @@ impl Env {
         );
     }
 
+    /// `image export IMAGE -o DESTINATION`: a directory, tar or disk by the name's ending.
+    fn export(&self, image: &str, destination: &Path) {
+        self.ok(
+            Path::new("/"),
+            &[
+                "image",
+                "export",
+                image,
+                "-o",
+                destination.to_str().expect("utf-8"),
+            ],
+        );
+    }
+
     fn command(&self, workspace: &Path, args: &[&str]) -> Output {
         binary()
             .current_dir(workspace)
@@ -164,16 +178,7 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
 
     // Inspect the stored image, exported as root so owners are real.
     let root = work.path().join("web-root");
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "export",
-            "web",
-            "-o",
-            root.to_str().expect("utf-8"),
-        ],
-    );
+    env.export("web", &root);
     let status = std::fs::read_to_string(root.join("var/lib/dpkg/status")).expect("dpkg status");
     for package in ["nginx", "openssh-server"] {
         assert_eq!(
@@ -531,16 +536,7 @@ appliance "child" {
     assert!(built.contains("Built configured → configured@1"), "{built}");
     assert!(built.contains("Built child → child@1"), "{built}");
     let root = work.path().join("configured-root");
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "export",
-            "configured",
-            "-o",
-            root.to_str().expect("utf-8"),
-        ],
-    );
+    env.export("configured", &root);
     let read = |path: &str| std::fs::read_to_string(root.join(path)).expect(path);
     assert_eq!(read("etc/motd"), "built-by-run\n");
     assert_eq!(read("etc/tool-version"), "tool 0.3.0\n");
@@ -834,16 +830,7 @@ appliance "smaller" {
         String::from_utf8_lossy(&unpack.stderr)
     );
     let exported = work.path().join("exported");
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "export",
-            "small",
-            "-o",
-            exported.to_str().expect("utf-8"),
-        ],
-    );
+    env.export("small", &exported);
     let unpacked = tree_listing(&bundle.join("rootfs"));
     let stored = tree_listing(&exported);
     assert!(stored.len() > 5000);
@@ -922,30 +909,12 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
     );
     let updated = root_filesystem(&qcow2, &work.path().join("updated"));
     let full_disk = work.path().join("full.raw");
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "export",
-            "web",
-            "-o",
-            full_disk.to_str().expect("utf-8"),
-        ],
-    );
+    env.export("web", &full_disk);
     let full = root_filesystem(&full_disk, &work.path().join("full"));
     // Modes (with setuid and sticky bits), owners, sizes and device nodes, as the
     // filesystems hold them, against the store's own export of the image.
     let exported = work.path().join("exported");
-    env.ok(
-        Path::new("/"),
-        &[
-            "image",
-            "export",
-            "web",
-            "-o",
-            exported.to_str().expect("utf-8"),
-        ],
-    );
+    env.export("web", &exported);
     let mut expected = directory_listing(&exported);
     // The disk's fstab names its root filesystem; the image's own is the one it came with.
     expected.remove("etc/fstab");

@@ -409,6 +409,14 @@ mod tests {
         tree
     }
 
+    /// Where `line` is in the script; a missing line fails the test with the whole script.
+    fn position(lines: &[&str], line: &str) -> usize {
+        lines
+            .iter()
+            .position(|l| *l == line)
+            .unwrap_or_else(|| panic!("no {line:?} in {lines:#?}"))
+    }
+
     #[test]
     fn removals_go_deepest_first_creations_parents_first_and_metadata_follows() {
         let old = tree(&[
@@ -427,12 +435,7 @@ mod tests {
         ]);
         let script = script(&old, &new).expect("supported");
         let lines: Vec<&str> = script.commands.lines().collect();
-        let at = |line: &str| {
-            lines
-                .iter()
-                .position(|l| *l == line)
-                .unwrap_or_else(|| panic!("no {line:?} in {lines:#?}"))
-        };
+        let at = |line: &str| position(&lines, line);
         assert!(at("rm \"/etc/old/file\"") < at("rmdir \"/etc/old\""));
         assert!(at("rm \"/etc/edited\"") < at("write \"\0OBJECT:e2\0\" \"edited\""));
         assert!(at("mkdir \"new\"") < at("write \"\0OBJECT:n\0\" \"file\""));
@@ -510,12 +513,7 @@ mod tests {
         ]);
         let script = populate(&tree).expect("supported");
         let lines: Vec<&str> = script.commands.lines().collect();
-        let at = |line: &str| {
-            lines
-                .iter()
-                .position(|l| *l == line)
-                .unwrap_or_else(|| panic!("no {line:?} in {lines:#?}"))
-        };
+        let at = |line: &str| position(&lines, line);
         assert!(at("set_current_time @1700000000") < at("write \"\0OBJECT:conf\0\" \"app.conf\""));
         assert!(lines.contains(&"sif \"./app.conf\" mode 0100640"));
         assert!(lines.contains(&"sif \"./app.conf\" gid 33"));
