@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use appliance_core::history::{self, Change, Derivation};
+use appliance_core::history::{self, Change, Derivation, stats};
 
 const TARGET_DERIVATIONS: usize = 100_000;
 const RUNS: usize = 5;
@@ -43,26 +43,33 @@ fn main() -> anyhow::Result<()> {
         Change::new("package-added", "curl"),
         Change::new("user-added", "www-data"),
     ];
-    let suggest = median(
-        (0..RUNS)
-            .map(|_| {
-                let started = Instant::now();
-                let (_, pattern, _) = history::sql_scope(&conn, "debian/bookworm").expect("scope");
-                let ranked = history::sql_rank(&conn, &pattern, &known, 5).expect("rank");
-                for scored in &ranked {
-                    history::evidence(&conn, &pattern, &scored.change, &known).expect("evidence");
-                }
-                started.elapsed()
-            })
-            .collect(),
-    );
+    let mut phases: [Vec<Duration>; 4] = Default::default();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let (_, pattern, _) = stats::sql_scope(&conn, "debian/bookworm")?;
+        let scoped = started.elapsed();
+        let ranked = stats::sql_rank(&conn, &pattern, &known, 5)?;
+        let ranked_at = started.elapsed();
+        let changes: Vec<Change> = ranked.into_iter().map(|s| s.change).collect();
+        let evidence = stats::evidence_for(&conn, &pattern, stats::NO_EXCLUSION, &changes, &known)?;
+        let total = started.elapsed();
+        assert_eq!(evidence.len(), 5);
+        for (samples, sample) in phases
+            .iter_mut()
+            .zip([total, scoped, ranked_at - scoped, total - ranked_at])
+        {
+            samples.push(sample);
+        }
+    }
+    let [suggest, scope, rank, evidence] = phases.map(median);
     let popularity = median(
         (0..RUNS)
             .map(|_| {
                 let started = Instant::now();
                 let mut statement = conn
                     .prepare(
-                        "SELECT c.kind, c.subject, count(*) AS n FROM changes c JOIN derivations d ON d.id = c.derivation
+                        "SELECT i.kind, i.subject, count(*) AS n
+                         FROM changes c JOIN derivations d ON d.id = c.derivation JOIN items i ON i.id = c.item
                          WHERE d.parent LIKE 'debian/%' GROUP BY ALL ORDER BY n DESC LIMIT 5",
                     )
                     .expect("prepare");
@@ -84,6 +91,9 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|");
     println!("| insert the history | {insert:.2?} |");
     println!("| suggest one appliance (scope, ranking, evidence for 5) | {suggest:.2?} |");
+    println!("| … of which the scope | {scope:.2?} |");
+    println!("| … of which the ranking | {rank:.2?} |");
+    println!("| … of which the evidence | {evidence:.2?} |");
     println!("| baseline: popularity query alone | {popularity:.2?} |");
     Ok(())
 }

@@ -3,11 +3,13 @@
 //!
 //! - [`corpus`]: the shared corpus' records (mined Dockerfiles) as derivations;
 //! - [`engine`]: the ranking (documented there), in memory, loaded from the tables by SQL;
-//! - evidence for each suggestion (support, confidence, lift) is SQL over the tables
-//!   ([`evidence`]), so what the user reads is what the database says.
+//! - [`stats`]: the same ranking and the evidence for each suggestion (support, confidence,
+//!   lift) in SQL over the tables, so what the user reads is what the database says;
+//! - [`suggest`]: manifests to help diagnostics.
 
 pub mod corpus;
 pub mod engine;
+pub mod stats;
 pub mod suggest;
 
 use std::collections::BTreeMap;
@@ -18,7 +20,11 @@ use anyhow::{Context as _, bail};
 use duckdb::{Connection, params};
 use serde::{Deserialize, Serialize};
 
-/// Tables of the history, created with the catalog's.
+/// Tables of the history, created with the catalog's. Each distinct change is an `items`
+/// row carrying how many derivations have it, kept current on every insert and removal:
+/// the ranking weighs changes by that count, and counting over every change on each query
+/// was most of a suggestion's time on a large history. `changes` links derivations to items
+/// by integer id (joins on two strings were the rest).
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS derivations (
     id BIGINT PRIMARY KEY,
@@ -27,11 +33,38 @@ CREATE TABLE IF NOT EXISTS derivations (
     origin VARCHAR NOT NULL,
     image BIGINT
 );
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    kind VARCHAR NOT NULL,
+    subject VARCHAR NOT NULL,
+    derivations BIGINT NOT NULL,
+    UNIQUE (kind, subject)
+);
 CREATE TABLE IF NOT EXISTS changes (
     derivation BIGINT NOT NULL,
-    kind VARCHAR NOT NULL,
-    subject VARCHAR NOT NULL
+    item INTEGER NOT NULL
 );
+";
+
+/// Catalog schema 1 kept `changes` as (derivation, kind, subject) strings; this turns such a
+/// history into the tables of [`SCHEMA`], in the caller's transaction.
+pub const MIGRATE_FROM_SCHEMA_1: &str = "
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    kind VARCHAR NOT NULL,
+    subject VARCHAR NOT NULL,
+    derivations BIGINT NOT NULL,
+    UNIQUE (kind, subject)
+);
+INSERT INTO items
+    SELECT row_number() OVER (ORDER BY kind, subject), kind, subject, count(DISTINCT derivation)
+    FROM changes GROUP BY kind, subject;
+CREATE TABLE changes_by_item AS
+    SELECT DISTINCT c.derivation, i.id::INTEGER AS item
+    FROM changes c JOIN items i USING (kind, subject)
+    ORDER BY c.derivation, item;
+DROP TABLE changes;
+ALTER TABLE changes_by_item RENAME TO changes;
 ";
 
 /// A typed change, `kind:subject` when printed (`package-added:nginx`).
@@ -101,14 +134,20 @@ pub fn insert_for_images<'a>(
     let mut count = 0;
     let tx = conn.transaction()?;
     // Ids are allocated under the catalog's exclusive lock, which every writer holds.
-    let mut next: i64 = tx.query_row(
+    let first: i64 = tx.query_row(
         "SELECT coalesce(max(id), 0) + 1 FROM derivations",
         [],
         |row| row.get(0),
     )?;
+    tx.execute_batch(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS incoming_changes (
+             derivation BIGINT NOT NULL, kind VARCHAR NOT NULL, subject VARCHAR NOT NULL);
+         DELETE FROM incoming_changes;",
+    )?;
     {
         let mut derivation_rows = tx.appender("derivations")?;
-        let mut change_rows = tx.appender("changes")?;
+        let mut change_rows = tx.appender("incoming_changes")?;
+        let mut next = first;
         for (derivation, image) in derivations {
             count += 1;
             derivation_rows.append_row(params![
@@ -129,6 +168,54 @@ pub fn insert_for_images<'a>(
         derivation_rows.flush()?;
         change_rows.flush()?;
     }
+    tx.execute_batch(
+        "INSERT INTO items
+             SELECT (SELECT coalesce(max(id), 0) FROM items)
+                        + row_number() OVER (ORDER BY kind, subject),
+                    kind, subject, 0
+             FROM (SELECT DISTINCT kind, subject FROM incoming_changes) n
+             WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.kind = n.kind AND i.subject = n.subject);
+         INSERT INTO changes
+             SELECT n.derivation, i.id FROM incoming_changes n JOIN items i USING (kind, subject)
+             ORDER BY n.derivation, i.id;
+         UPDATE items SET derivations = items.derivations + added.n
+             FROM (SELECT i.id, count(*) AS n
+                   FROM incoming_changes c JOIN items i USING (kind, subject) GROUP BY i.id) added
+             WHERE items.id = added.id;
+         DELETE FROM incoming_changes;",
+    )
+    .context("recording the changes")?;
+    tx.commit().context("committing the history")?;
+    Ok(count)
+}
+
+/// Delete the derivations that `filter` (a SQL condition on `derivations`, with `values`
+/// as its parameters) selects, with their changes, keeping every item's count right.
+pub fn remove(
+    conn: &mut Connection,
+    filter: &str,
+    values: &[&dyn duckdb::ToSql],
+) -> anyhow::Result<usize> {
+    let tx = conn.transaction()?;
+    tx.execute_batch(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS doomed_derivations (id BIGINT NOT NULL);
+         DELETE FROM doomed_derivations;",
+    )?;
+    let count = tx.execute(
+        &format!("INSERT INTO doomed_derivations SELECT id FROM derivations WHERE {filter}"),
+        values,
+    )?;
+    tx.execute_batch(
+        "UPDATE items SET derivations = items.derivations - gone.n
+             FROM (SELECT item, count(*) AS n FROM changes
+                   WHERE derivation IN (SELECT id FROM doomed_derivations) GROUP BY item) gone
+             WHERE items.id = gone.item;
+         DELETE FROM changes WHERE derivation IN (SELECT id FROM doomed_derivations);
+         DELETE FROM derivations WHERE id IN (SELECT id FROM doomed_derivations);
+         DELETE FROM items WHERE derivations <= 0;
+         DELETE FROM doomed_derivations;",
+    )
+    .context("removing derivations")?;
     tx.commit().context("committing the history")?;
     Ok(count)
 }
@@ -238,7 +325,8 @@ pub fn load(conn: &Connection) -> anyhow::Result<Vec<(i64, Derivation)>> {
         );
     }
     let mut statement = conn.prepare(
-        "SELECT derivation, kind, subject FROM changes ORDER BY derivation, kind, subject",
+        "SELECT c.derivation, i.kind, i.subject FROM changes c JOIN items i ON i.id = c.item
+         ORDER BY c.derivation, i.kind, i.subject",
     )?;
     for row in statement.query_map([], |row| {
         Ok((
@@ -265,7 +353,9 @@ pub fn export(conn: &Connection, path: &Path) -> anyhow::Result<usize> {
                 SELECT d.parent, d.child,
                        coalesce(list({{'kind': c.kind, 'subject': c.subject}} ORDER BY c.kind, c.subject)
                                 FILTER (WHERE c.kind IS NOT NULL), []) AS changes
-                FROM derivations d LEFT JOIN changes c ON c.derivation = d.id
+                FROM derivations d
+                LEFT JOIN (SELECT derivation, kind, subject FROM changes JOIN items ON items.id = changes.item) c
+                    ON c.derivation = d.id
                 GROUP BY d.id, d.parent, d.child ORDER BY d.id
             ) TO '{target}' (FORMAT parquet)"
         ))
@@ -279,338 +369,4 @@ pub fn export(conn: &Connection, path: &Path) -> anyhow::Result<usize> {
     }
     out.flush()?;
     Ok(derivations.len())
-}
-
-/// Support, confidence and lift of a change, from SQL over the history.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Evidence {
-    /// Derivations in scope (from the base, or its family).
-    pub scope_total: i64,
-    /// Of those, how many have the change.
-    pub scope_with: i64,
-    /// The known change that best predicts this one, with its counts.
-    pub given: Option<String>,
-    pub given_total: i64,
-    pub given_with: i64,
-    pub support: f64,
-    pub confidence: f64,
-    pub lift: f64,
-}
-
-/// Evidence for `change` among derivations whose parent matches `scope` (a SQL LIKE
-/// pattern), given the known changes.
-pub fn evidence(
-    conn: &Connection,
-    scope: &str,
-    change: &Change,
-    known: &[Change],
-) -> anyhow::Result<Evidence> {
-    evidence_excluding(conn, scope, NO_EXCLUSION, change, known)
-}
-
-/// Matches no child: nothing excluded.
-pub const NO_EXCLUSION: &str = "^$";
-
-/// A regular expression for the children (`name@version`) of an appliance's own images
-/// (`web@3`, `web/packages@2`): its suggestions must not count its own earlier builds.
-pub fn own_images(appliance: &str) -> String {
-    let literal: String = appliance
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_string()
-            } else {
-                format!("[{c}]")
-            }
-        })
-        .collect();
-    format!("^{literal}(/[^@]*)?@")
-}
-
-/// [`evidence`] without the derivations whose child matches `exclude` (a regex).
-pub fn evidence_excluding(
-    conn: &Connection,
-    scope: &str,
-    exclude: &str,
-    change: &Change,
-    known: &[Change],
-) -> anyhow::Result<Evidence> {
-    let (scope_total, scope_with): (i64, i64) = conn.query_row(
-        "SELECT count(*),
-                count(*) FILTER (WHERE EXISTS (SELECT 1 FROM changes c WHERE c.derivation = d.id AND c.kind = ? AND c.subject = ?))
-         FROM derivations d WHERE d.parent LIKE ? ESCAPE '\\' AND NOT regexp_matches(d.child, ?)",
-        params![change.kind, change.subject, scope, exclude],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?;
-    let support = if scope_total > 0 {
-        scope_with as f64 / scope_total as f64
-    } else {
-        0.0
-    };
-    let mut best: Option<(String, i64, i64, f64)> = None;
-    if !known.is_empty() {
-        let mut statement = conn.prepare(
-            "SELECT count(*), count(*) FILTER (WHERE EXISTS (
-                    SELECT 1 FROM changes c2 WHERE c2.derivation = d.id AND c2.kind = ? AND c2.subject = ?))
-             FROM derivations d
-             WHERE d.parent LIKE ? ESCAPE '\\' AND NOT regexp_matches(d.child, ?)
-               AND EXISTS (SELECT 1 FROM changes c WHERE c.derivation = d.id AND c.kind = ? AND c.subject = ?)",
-        )?;
-        for given in known {
-            let (total, with): (i64, i64) = statement.query_row(
-                params![
-                    change.kind,
-                    change.subject,
-                    scope,
-                    exclude,
-                    given.kind,
-                    given.subject
-                ],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )?;
-            // Prefer strong evidence: confidence, then the larger sample.
-            if total >= 3 {
-                let confidence = with as f64 / total as f64;
-                if best
-                    .as_ref()
-                    .is_none_or(|(_, t, _, c)| confidence > *c || (confidence == *c && total > *t))
-                {
-                    best = Some((given.key(), total, with, confidence));
-                }
-            }
-        }
-    }
-    let (given, given_total, given_with, confidence) = match best {
-        Some((given, total, with, confidence)) => (Some(given), total, with, confidence),
-        None => (None, 0, 0, support),
-    };
-    Ok(Evidence {
-        scope_total,
-        scope_with,
-        given,
-        given_total,
-        given_with,
-        support,
-        confidence,
-        lift: if support > 0.0 {
-            confidence / support
-        } else {
-            0.0
-        },
-    })
-}
-
-/// The scope of a base in SQL: exact parent with at least `MIN_SCOPE` derivations, else its
-/// family (`debian/%`), else everything. Returns (label, LIKE pattern, size).
-pub fn sql_scope(conn: &Connection, base: &str) -> anyhow::Result<(String, String, i64)> {
-    let escape = |t: &str| {
-        t.replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_")
-    };
-    let mut tiers = vec![(base.to_owned(), escape(base))];
-    if let Some((family, _)) = base.split_once('/') {
-        tiers.push((format!("{family}/*"), format!("{}/%", escape(family))));
-    }
-    for (label, pattern) in tiers {
-        let size: i64 = conn.query_row(
-            "SELECT count(*) FROM derivations WHERE parent LIKE ? ESCAPE '\\'",
-            params![pattern],
-            |row| row.get(0),
-        )?;
-        if size >= engine::MIN_SCOPE as i64 {
-            return Ok((label, pattern, size));
-        }
-    }
-    let size: i64 = conn.query_row("SELECT count(*) FROM derivations", [], |row| row.get(0))?;
-    Ok(("all images".to_owned(), "%".to_owned(), size))
-}
-
-/// The ranking of [`engine`], computed by DuckDB over the history tables: neighbours
-/// weighted by their idf-weighted overlap with the known changes, plus a small support prior.
-pub fn sql_rank(
-    conn: &Connection,
-    pattern: &str,
-    known: &[Change],
-    limit: usize,
-) -> anyhow::Result<Vec<engine::Scored>> {
-    sql_rank_excluding(conn, pattern, NO_EXCLUSION, known, limit)
-}
-
-/// [`sql_rank`] without the derivations whose child matches `exclude` (a regex).
-pub fn sql_rank_excluding(
-    conn: &Connection,
-    pattern: &str,
-    exclude: &str,
-    known: &[Change],
-    limit: usize,
-) -> anyhow::Result<Vec<engine::Scored>> {
-    // The known changes as a VALUES list of parameters (the catalog is opened read-only, so
-    // no temporary table).
-    let known_rows = if known.is_empty() {
-        "SELECT NULL::VARCHAR AS kind, NULL::VARCHAR AS subject WHERE false".to_owned()
-    } else {
-        format!(
-            "SELECT * FROM (VALUES {}) AS k(kind, subject)",
-            vec!["(?::VARCHAR, ?::VARCHAR)"; known.len()].join(", ")
-        )
-    };
-    let sql = format!(
-        "WITH known AS ({known_rows}),
-         total AS (SELECT count(*)::DOUBLE AS n FROM derivations),
-         idf AS (
-             SELECT kind, subject, ln((SELECT n FROM total) / count(*)) AS idf
-             FROM changes GROUP BY ALL
-         ),
-         known_weight AS (
-             SELECT sum(coalesce(i.idf, ln((SELECT n FROM total)))) AS k
-             FROM known k LEFT JOIN idf i USING (kind, subject)
-         ),
-         scope AS (SELECT id FROM derivations WHERE parent LIKE ? ESCAPE '\\' AND NOT regexp_matches(child, ?)),
-         scoped AS (SELECT c.* FROM changes c JOIN scope s ON c.derivation = s.id),
-         sizes AS (
-             SELECT c.derivation, sum(i.idf) AS n
-             FROM scoped c JOIN idf i USING (kind, subject) GROUP BY c.derivation
-         ),
-         overlap AS (
-             SELECT c.derivation, sum(i.idf) AS shared
-             FROM scoped c
-             JOIN known k ON c.kind = k.kind AND c.subject = k.subject
-             JOIN idf i ON c.kind = i.kind AND c.subject = i.subject
-             GROUP BY c.derivation
-         ),
-         weights AS (
-             SELECT o.derivation, pow(o.shared / sqrt(s.n * (SELECT k FROM known_weight)), ?) AS w
-             FROM overlap o JOIN sizes s USING (derivation)
-             WHERE s.n > 0 AND o.shared > 0 AND (SELECT k FROM known_weight) > 0
-         ),
-         votes AS (
-             SELECT c.kind, c.subject, sum(w.w) AS score FROM scoped c JOIN weights w USING (derivation) GROUP BY ALL
-         ),
-         support AS (SELECT kind, subject, count(*) AS n FROM scoped GROUP BY ALL)
-         SELECT s.kind, s.subject, coalesce(v.score, 0) + ? * s.n / (SELECT count(*) FROM scope) AS score
-         FROM support s LEFT JOIN votes v USING (kind, subject)
-         WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.kind = s.kind AND k.subject = s.subject)
-         ORDER BY score DESC, s.kind, s.subject
-         LIMIT ?"
-    );
-    let mut statement = conn.prepare(&sql)?;
-    let mut values: Vec<duckdb::types::Value> = Vec::new();
-    for change in known {
-        values.push(change.kind.clone().into());
-        values.push(change.subject.clone().into());
-    }
-    values.push(pattern.to_owned().into());
-    values.push(exclude.to_owned().into());
-    values.push(engine::SHARPNESS.into());
-    values.push(engine::PRIOR.into());
-    values.push((limit as i64).into());
-    let rows = statement.query_map(duckdb::params_from_iter(values), |row| {
-        Ok(engine::Scored {
-            change: Change {
-                kind: row.get(0)?,
-                subject: row.get(1)?,
-            },
-            score: row.get(2)?,
-        })
-    })?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .context("ranking suggestions")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn history() -> Vec<Derivation> {
-        let text = include_str!("../../../fixtures/suggest/history.jsonl");
-        text.lines()
-            .map(|line| serde_json::from_str(line).expect("fixture derivation"))
-            .collect()
-    }
-
-    fn database(derivations: &[Derivation]) -> Connection {
-        let mut conn = Connection::open_in_memory().expect("in-memory DuckDB");
-        conn.execute_batch(SCHEMA).expect("schema");
-        insert(&mut conn, derivations, "test").expect("insert");
-        conn
-    }
-
-    #[test]
-    fn sql_ranking_and_the_in_memory_engine_agree() {
-        let derivations = history();
-        let conn = database(&derivations);
-        let loaded = load(&conn).expect("load");
-        let index = engine::Index::build(&loaded);
-        for known in [
-            vec![],
-            vec![Change::new("package-added", "nginx")],
-            vec![
-                Change::new("package-added", "curl"),
-                Change::new("package-added", "vim"),
-            ],
-            vec![
-                Change::new("package-added", "nginx"),
-                Change::new("user-added", "www"),
-            ],
-        ] {
-            let (label, pattern, size) = sql_scope(&conn, "debian/bookworm").expect("scope");
-            let scope = index.scope("debian/bookworm");
-            assert_eq!(
-                (label.as_str(), pattern.as_str(), size as usize),
-                (scope.label.as_str(), scope.pattern.as_str(), scope.size)
-            );
-            let from_sql = sql_rank(&conn, &pattern, &known, 6).expect("sql ranking");
-            let in_memory = index.suggest(&scope, &known, None, None, 6);
-            let names =
-                |list: &[engine::Scored]| list.iter().map(|s| s.change.key()).collect::<Vec<_>>();
-            assert_eq!(names(&from_sql), names(&in_memory), "known {known:?}");
-            for (a, b) in from_sql.iter().zip(&in_memory) {
-                assert!((a.score - b.score).abs() < 1e-9, "{a:?} vs {b:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn an_appliance_s_own_images_are_recognised_by_child_name() {
-        let conn = Connection::open_in_memory().expect("duckdb");
-        let matches = |child: &str| -> bool {
-            conn.query_row(
-                "SELECT regexp_matches(?, ?)",
-                params![child, own_images("web")],
-                |row| row.get(0),
-            )
-            .expect("query")
-        };
-        assert!(matches("web@1"));
-        assert!(matches("web/packages@12"));
-        assert!(!matches("web-debug@1"));
-        assert!(!matches("webx@1"));
-        assert!(!matches("other/web@1"));
-        let dotted = own_images("a.b");
-        assert!(
-            !conn
-                .query_row(
-                    "SELECT regexp_matches('axb@1', ?)",
-                    params![dotted],
-                    |row| row.get::<_, bool>(0)
-                )
-                .expect("query")
-        );
-    }
-
-    #[test]
-    fn evidence_counts_support_and_the_best_given_change() {
-        let conn = database(&history());
-        let change = Change::new("package-added", "ca-certificates");
-        let known = [
-            Change::new("package-added", "nginx"),
-            Change::new("user-added", "nobody-has-this"),
-        ];
-        let evidence = evidence(&conn, "debian/bookworm", &change, &known).expect("evidence");
-        assert_eq!((evidence.scope_with, evidence.scope_total), (30, 40));
-        assert_eq!(evidence.given.as_deref(), Some("package-added:nginx"));
-        assert_eq!((evidence.given_with, evidence.given_total), (27, 29));
-        assert!((evidence.lift - (27.0 / 29.0) / (30.0 / 40.0)).abs() < 1e-9);
-    }
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Change, Evidence, evidence_excluding, own_images, sql_rank_excluding, sql_scope};
+use super::Change;
+use super::stats::{Evidence, evidence_for, own_images, sql_rank_excluding, sql_scope};
 use crate::check::CheckReport;
 use crate::diagnostics::{Diagnostic, Level, SourceFile, Span};
 use crate::manifest::model::{Appliance, BaseRef};
@@ -311,24 +312,27 @@ fn compute(
             .min_confidence
             .unwrap_or(options.min_confidence);
         let (scope_label, scope_pattern, _) = sql_scope(conn, &base)?;
-        let mut rank = 0;
         let own = own_images(&appliance.name.value);
-        for scored in sql_rank_excluding(
+        let candidates: Vec<_> = sql_rank_excluding(
             conn,
             &scope_pattern,
             &own,
             &known,
             limit * 4 + ignored.len(),
-        )? {
+        )?
+        .into_iter()
+        .filter(|scored| {
+            !ignored.contains(&scored.change.key().as_str())
+                && !covered_by_copies(appliance, &scored.change)
+        })
+        .collect();
+        let changes: Vec<Change> = candidates.iter().map(|s| s.change.clone()).collect();
+        let evidence = evidence_for(conn, &scope_pattern, &own, &changes, &known)?;
+        let mut rank = 0;
+        for (scored, evidence) in candidates.into_iter().zip(evidence) {
             if rank >= limit {
                 break;
             }
-            if ignored.contains(&scored.change.key().as_str())
-                || covered_by_copies(appliance, &scored.change)
-            {
-                continue;
-            }
-            let evidence = evidence_excluding(conn, &scope_pattern, &own, &scored.change, &known)?;
             if evidence.support < min_support
                 || evidence.confidence < min_confidence
                 || evidence.scope_with < options.min_images

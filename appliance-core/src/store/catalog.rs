@@ -14,8 +14,9 @@ use serde::Serialize;
 use super::tree::{Entry, EntryKind, Tree, hex, unhex};
 use crate::packages::dpkg::InstalledPackage;
 
-/// Bump when the tables change; `open` refuses catalogs of another version.
-pub const SCHEMA_VERSION: &str = "1";
+/// Bump when the tables change; `open` upgrades older catalogs it knows how to (opening for
+/// writing) and refuses the rest.
+pub const SCHEMA_VERSION: &str = "2";
 
 const SCHEMA: &str = "
 CREATE SEQUENCE IF NOT EXISTS image_ids START 1;
@@ -109,18 +110,7 @@ impl Catalog {
         .context("configuring DuckDB")?;
         let catalog = Self { conn };
         if !read_only {
-            catalog
-                .conn
-                .execute_batch(SCHEMA)
-                .context("creating the catalog tables")?;
-            catalog
-                .conn
-                .execute_batch(crate::history::SCHEMA)
-                .context("creating the history tables")?;
-            catalog.conn.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
-                params![SCHEMA_VERSION],
-            )?;
+            catalog.create_or_upgrade()?;
         }
         let version: String = catalog
             .conn
@@ -136,6 +126,41 @@ impl Catalog {
             path.display()
         );
         Ok(catalog)
+    }
+
+    fn create_or_upgrade(&self) -> anyhow::Result<()> {
+        let existing: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |row| row.get(0),
+            )
+            .ok();
+        if existing.as_deref() == Some("1") {
+            // Schema 2 changed only the history's tables; one transaction, so a killed
+            // upgrade leaves schema 1 to upgrade again.
+            self.conn
+                .execute_batch(&format!(
+                    "BEGIN TRANSACTION;
+                     {}
+                     UPDATE meta SET value = '2' WHERE key = 'schema_version';
+                     COMMIT;",
+                    crate::history::MIGRATE_FROM_SCHEMA_1
+                ))
+                .context("upgrading the catalog from schema version 1")?;
+        }
+        self.conn
+            .execute_batch(SCHEMA)
+            .context("creating the catalog tables")?;
+        self.conn
+            .execute_batch(crate::history::SCHEMA)
+            .context("creating the history tables")?;
+        self.conn.execute(
+            "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
+            params![SCHEMA_VERSION],
+        )?;
+        Ok(())
     }
 
     pub fn connection(&self) -> &Connection {
@@ -375,5 +400,106 @@ impl Catalog {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Change, Derivation};
+
+    /// The history tables as catalog schema 1 had them.
+    const HISTORY_SCHEMA_1: &str = "
+        CREATE TABLE derivations (id BIGINT PRIMARY KEY, parent VARCHAR NOT NULL,
+            child VARCHAR NOT NULL, origin VARCHAR NOT NULL, image BIGINT);
+        CREATE TABLE changes (derivation BIGINT NOT NULL, kind VARCHAR NOT NULL,
+            subject VARCHAR NOT NULL);
+        INSERT INTO derivations VALUES (1, 'debian/bookworm', 'web@1', 'store', NULL),
+            (2, 'debian/bookworm', 'db@1', 'import', NULL);
+        INSERT INTO changes VALUES (1, 'package-added', 'nginx'), (1, 'user-added', 'www'),
+            (2, 'package-added', 'postgresql'), (2, 'package-added', 'nginx');
+        ";
+
+    #[test]
+    fn a_schema_1_catalog_is_upgraded_when_opened_for_writing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.duckdb");
+        {
+            let conn = Connection::open(&path).expect("create");
+            conn.execute_batch(SCHEMA.replace("IF NOT EXISTS ", "").as_str())
+                .expect("schema 1 catalog tables");
+            conn.execute_batch(HISTORY_SCHEMA_1)
+                .expect("schema 1 history");
+            conn.execute("INSERT INTO meta VALUES ('schema_version', '1')", [])
+                .expect("version");
+        }
+        let refused = Catalog::open(&path, true).expect_err("read-only open of schema 1");
+        assert!(
+            format!("{refused:#}").contains("schema version 1"),
+            "{refused:#}"
+        );
+        let mut catalog = Catalog::open(&path, false).expect("upgrade");
+        let derivations = crate::history::load(catalog.connection()).expect("load");
+        let change = |kind: &str, subject: &str| Change::new(kind, subject);
+        assert_eq!(
+            derivations,
+            vec![
+                (
+                    1,
+                    Derivation {
+                        parent: "debian/bookworm".into(),
+                        child: "web@1".into(),
+                        changes: vec![
+                            change("package-added", "nginx"),
+                            change("user-added", "www")
+                        ],
+                    }
+                ),
+                (
+                    2,
+                    Derivation {
+                        parent: "debian/bookworm".into(),
+                        child: "db@1".into(),
+                        changes: vec![
+                            change("package-added", "nginx"),
+                            change("package-added", "postgresql")
+                        ],
+                    }
+                ),
+            ]
+        );
+        let nginx: i64 = catalog
+            .connection()
+            .query_row(
+                "SELECT derivations FROM items WHERE subject = 'nginx'",
+                [],
+                |row| row.get(0),
+            )
+            .expect("nginx item");
+        assert_eq!(nginx, 2);
+        crate::history::insert(
+            catalog.connection_mut(),
+            &[Derivation {
+                parent: "debian/bookworm".into(),
+                child: "cache@1".into(),
+                changes: vec![
+                    change("package-added", "nginx"),
+                    change("package-added", "varnish"),
+                ],
+            }],
+            "test",
+        )
+        .expect("insert after the upgrade");
+        drop(catalog);
+        let reopened = Catalog::open(&path, true).expect("read-only open after the upgrade");
+        let loaded = crate::history::load(reopened.connection()).expect("load");
+        assert_eq!(loaded.len(), 3);
+        assert_eq!(
+            loaded[2].1.changes,
+            vec![
+                change("package-added", "nginx"),
+                change("package-added", "varnish")
+            ]
+        );
     }
 }

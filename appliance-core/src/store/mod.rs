@@ -572,10 +572,7 @@ impl Store {
     /// catalog; imported history is kept.
     pub fn rebuild_history(&self) -> anyhow::Result<usize> {
         let mut catalog = self.write_catalog()?;
-        catalog.connection().execute_batch(
-            "DELETE FROM changes WHERE derivation IN (SELECT id FROM derivations WHERE origin = 'store');
-             DELETE FROM derivations WHERE origin = 'store';",
-        )?;
+        crate::history::remove(catalog.connection_mut(), "origin = 'store'", &[])?;
         let images = catalog.images()?;
         let mut count = 0;
         for child in &images {
@@ -698,16 +695,12 @@ impl Store {
         }
         catalog.remove_images(&doomed)?;
         // Their derivations describe images that no longer exist.
-        for id in &doomed {
-            catalog.connection().execute(
-                "DELETE FROM changes WHERE derivation IN (SELECT id FROM derivations WHERE image = ?)",
-                duckdb::params![id],
-            )?;
-            catalog.connection().execute(
-                "DELETE FROM derivations WHERE image = ?",
-                duckdb::params![id],
-            )?;
-        }
+        let ids: Vec<String> = doomed.iter().map(i64::to_string).collect();
+        crate::history::remove(
+            catalog.connection_mut(),
+            &format!("image IN ({})", ids.join(", ")),
+            &[],
+        )?;
         Ok(images
             .iter()
             .filter(|i| doomed.contains(&i.id))
