@@ -2,11 +2,12 @@
 //! [`engine`](super::engine) computed by DuckDB, and the evidence (support, confidence, lift)
 //! each suggestion carries, so what the user reads is what the database says.
 //!
-//! Every query starts from the few items it is about (the known changes, the candidates)
-//! and reaches derivations through them; the per-item derivation counts kept in `items` give
-//! the inverse document frequencies without a pass over all changes.
+//! Ranking and evidence are one query over shared parts: the scope's derivations, their
+//! changes, the neighbours (those sharing a known change) and their changes, each computed
+//! once. The per-item derivation counts kept in `items` give the inverse document
+//! frequencies without a pass over every change.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use anyhow::Context as _;
 use duckdb::{Connection, params, params_from_iter, types::Value};
@@ -30,207 +31,275 @@ pub struct Evidence {
     pub lift: f64,
 }
 
-/// Matches no child: nothing excluded.
-pub const NO_EXCLUSION: &str = "^$";
-
-/// A regular expression for the children (`name@version`) of an appliance's own images
-/// (`web@3`, `web/packages@2`): its suggestions must not count its own earlier builds.
-pub fn own_images(appliance: &str) -> String {
-    let literal: String = appliance
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_string()
-            } else {
-                format!("[{c}]")
-            }
-        })
-        .collect();
-    format!("^{literal}(/[^@]*)?@")
+/// A ranked change and its evidence.
+#[derive(Debug, Clone)]
+pub struct Ranked {
+    pub scored: engine::Scored,
+    pub evidence: Evidence,
 }
 
-/// The derivations a statistic counts: parents matching a LIKE pattern (see [`sql_scope`]),
-/// children not matching a regex (see [`own_images`]). Its SQL takes those two parameters.
-const SCOPE: &str =
-    "SELECT id FROM derivations WHERE parent LIKE ? ESCAPE '\\' AND NOT regexp_matches(child, ?)";
+/// Which derivations a statistic counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// Parents matching this SQL LIKE pattern (see [`sql_scope`]).
+    pub pattern: &'a str,
+    /// Leave out the images of this appliance (`web@3`, `web/packages@2`): its
+    /// suggestions must not count its own earlier builds.
+    pub excluding_appliance: Option<&'a str>,
+}
 
-/// `(?::VARCHAR, ?::VARCHAR), …` rows named `alias(ordinal, kind, subject)`, the parameters
-/// of which [`change_values`] gives.
-fn change_rows(alias: &str, count: usize) -> String {
-    if count == 0 {
-        return format!(
-            "(SELECT NULL::INTEGER AS ordinal, NULL::VARCHAR AS kind, NULL::VARCHAR AS subject WHERE false) AS {alias}"
+impl<'a> Scope<'a> {
+    pub fn parents(pattern: &'a str) -> Self {
+        Self {
+            pattern,
+            excluding_appliance: None,
+        }
+    }
+}
+
+/// Builds one statement's text and its positional parameters together, in text order.
+struct Query {
+    sql: String,
+    values: Vec<Value>,
+}
+
+impl Query {
+    fn text(&mut self, text: &str) -> &mut Self {
+        self.sql.push_str(text);
+        self
+    }
+
+    fn value(&mut self, value: impl Into<Value>) -> &mut Self {
+        self.sql.push('?');
+        self.values.push(value.into());
+        self
+    }
+
+    /// `(VALUES (0, kind, subject), …) AS alias(ordinal, kind, subject)`.
+    fn changes(&mut self, alias: &str, changes: &[Change]) -> &mut Self {
+        if changes.is_empty() {
+            return self.text(&format!(
+                "(SELECT NULL::INTEGER AS ordinal, NULL::VARCHAR AS kind, NULL::VARCHAR AS subject WHERE false) AS {alias}"
+            ));
+        }
+        self.text("(VALUES ");
+        for (ordinal, change) in changes.iter().enumerate() {
+            self.text(if ordinal == 0 { "(" } else { ", (" })
+                .value(ordinal as i32)
+                .text("::INTEGER, ")
+                .value(change.kind.clone())
+                .text("::VARCHAR, ")
+                .value(change.subject.clone())
+                .text("::VARCHAR)");
+        }
+        self.text(&format!(") AS {alias}(ordinal, kind, subject)"))
+    }
+
+    /// The parts ranking and evidence share, as the first common table expressions.
+    fn shared(scope: Scope<'_>, known: &[Change]) -> Self {
+        let mut query = Self {
+            sql: String::new(),
+            values: Vec::new(),
+        };
+        query
+            .text("WITH asked AS (SELECT * FROM ")
+            .changes("a", known)
+            .text(
+                "),
+             total AS (SELECT count(*)::DOUBLE AS n FROM derivations),
+             known AS (
+                 SELECT a.ordinal, i.id AS item, ln((SELECT n FROM total) / i.derivations) AS idf
+                 FROM asked a JOIN items i USING (kind, subject)
+             ),
+             scope AS MATERIALIZED (
+                 SELECT id FROM derivations WHERE parent LIKE ",
+            )
+            .value(scope.pattern.to_owned())
+            .text(" ESCAPE '\\'");
+        if let Some(appliance) = scope.excluding_appliance {
+            // Plain prefixes, not a regex: this runs on every derivation.
+            query
+                .text(" AND NOT (starts_with(child, ")
+                .value(format!("{appliance}@"))
+                .text(") OR (starts_with(child, ")
+                .value(format!("{appliance}/"))
+                .text(") AND contains(child, '@')))");
+        }
+        query.text(
+            "),
+             scope_size AS (SELECT count(*) AS n FROM scope),
+             scoped AS MATERIALIZED (
+                 SELECT c.derivation, c.item FROM changes c SEMI JOIN scope s ON c.derivation = s.id
+             ),
+             support AS MATERIALIZED (SELECT item, count(*) AS n FROM scoped GROUP BY item),
+             overlap AS MATERIALIZED (
+                 SELECT c.derivation, sum(k.idf) AS shared
+                 FROM scoped c JOIN known k USING (item) GROUP BY c.derivation
+             ),
+             neighbour_changes AS MATERIALIZED (
+                 SELECT c.derivation, c.item FROM scoped c SEMI JOIN overlap o USING (derivation)
+             ),",
         );
+        query
     }
-    format!(
-        "(VALUES {}) AS {alias}(ordinal, kind, subject)",
-        vec!["(?::INTEGER, ?::VARCHAR, ?::VARCHAR)"; count].join(", ")
-    )
+
+    /// The candidates' evidence rows: one per candidate and known change (or one with a
+    /// NULL ordinal when nothing is known), ordered by position then ordinal.
+    fn evidence_rows(&mut self) -> &mut Self {
+        self.text(
+            "
+             together AS (
+                 SELECT g.item AS given, c.item AS candidate, count(*) AS n
+                 FROM neighbour_changes g JOIN neighbour_changes c USING (derivation)
+                 WHERE g.item IN (SELECT item FROM known) AND c.item IN (SELECT item FROM candidates)
+                 GROUP BY ALL
+             )
+             SELECT c.position, c.kind, c.subject, c.score, (SELECT n FROM scope_size),
+                    coalesce(cs.n, 0), k.ordinal, coalesce(ks.n, 0), coalesce(t.n, 0)
+             FROM candidates c
+             LEFT JOIN support cs ON cs.item = c.item
+             LEFT JOIN known k ON true
+             LEFT JOIN support ks ON ks.item = k.item
+             LEFT JOIN together t ON t.given = k.item AND t.candidate = c.item
+             ORDER BY c.position, k.ordinal",
+        )
+    }
+
+    fn run(&self, conn: &Connection, known: &[Change]) -> anyhow::Result<Vec<Ranked>> {
+        let mut statement = conn.prepare(&self.sql)?;
+        let rows = statement.query_map(params_from_iter(self.values.iter()), |row| {
+            Ok(EvidenceRow {
+                position: row.get(0)?,
+                change: Change {
+                    kind: row.get(1)?,
+                    subject: row.get(2)?,
+                },
+                score: row.get(3)?,
+                scope_total: row.get(4)?,
+                scope_with: row.get(5)?,
+                given: row.get(6)?,
+                given_total: row.get(7)?,
+                given_with: row.get(8)?,
+            })
+        })?;
+        let mut by_position: BTreeMap<i64, Vec<EvidenceRow>> = BTreeMap::new();
+        for row in rows {
+            let row = row.context("reading the history's statistics")?;
+            by_position.entry(row.position).or_default().push(row);
+        }
+        Ok(by_position
+            .into_values()
+            .filter_map(|rows| assemble(&rows, known))
+            .collect())
+    }
 }
 
-fn change_values(changes: &[Change], values: &mut Vec<Value>) {
-    for (ordinal, change) in changes.iter().enumerate() {
-        values.push(Value::Int(ordinal as i32));
-        values.push(change.kind.clone().into());
-        values.push(change.subject.clone().into());
-    }
+struct EvidenceRow {
+    position: i64,
+    change: Change,
+    score: f64,
+    scope_total: i64,
+    scope_with: i64,
+    given: Option<i32>,
+    given_total: i64,
+    given_with: i64,
 }
 
-/// Evidence for `change` among derivations whose parent matches `scope` (a SQL LIKE
+/// One candidate's evidence from its rows. The known change that best predicts it is the one
+/// with the highest confidence among those at least 3 derivations in scope have (ties: the
+/// larger sample, then the first known).
+fn assemble(rows: &[EvidenceRow], known: &[Change]) -> Option<Ranked> {
+    let first = rows.first()?;
+    let support = if first.scope_total > 0 {
+        first.scope_with as f64 / first.scope_total as f64
+    } else {
+        0.0
+    };
+    let mut best: Option<(&Change, i64, i64, f64)> = None;
+    for row in rows {
+        let Some(given) = row
+            .given
+            .and_then(|ordinal| usize::try_from(ordinal).ok())
+            .and_then(|ordinal| known.get(ordinal))
+        else {
+            continue;
+        };
+        if row.given_total >= 3 {
+            let confidence = row.given_with as f64 / row.given_total as f64;
+            if best.as_ref().is_none_or(|(_, total, _, best_confidence)| {
+                confidence > *best_confidence
+                    || (confidence == *best_confidence && row.given_total > *total)
+            }) {
+                best = Some((given, row.given_total, row.given_with, confidence));
+            }
+        }
+    }
+    let (given, given_total, given_with, confidence) = match best {
+        Some((given, total, with, confidence)) => (Some(given.key()), total, with, confidence),
+        None => (None, 0, 0, support),
+    };
+    Some(Ranked {
+        scored: engine::Scored {
+            change: first.change.clone(),
+            score: first.score,
+        },
+        evidence: Evidence {
+            scope_total: first.scope_total,
+            scope_with: first.scope_with,
+            given,
+            given_total,
+            given_with,
+            support,
+            confidence,
+            lift: if support > 0.0 {
+                confidence / support
+            } else {
+                0.0
+            },
+        },
+    })
+}
+
+/// Evidence for `change` among derivations whose parent matches `pattern` (a SQL LIKE
 /// pattern), given the known changes.
 pub fn evidence(
     conn: &Connection,
-    scope: &str,
+    pattern: &str,
     change: &Change,
     known: &[Change],
 ) -> anyhow::Result<Evidence> {
     let mut all = evidence_for(
         conn,
-        scope,
-        NO_EXCLUSION,
+        Scope::parents(pattern),
         std::slice::from_ref(change),
         known,
     )?;
     all.pop().context("evidence for one change")
 }
 
-/// Evidence for each of `changes`, in their order, among the derivations in scope whose
-/// child does not match `exclude` (a regex). For each change, the known change that best
-/// predicts it is the one with the highest confidence among those at least 3 derivations
-/// in scope have (ties: the larger sample, then the first known).
+/// Evidence for each of `changes`, in their order, among the derivations in scope.
 pub fn evidence_for(
     conn: &Connection,
-    scope: &str,
-    exclude: &str,
+    scope: Scope<'_>,
     changes: &[Change],
     known: &[Change],
 ) -> anyhow::Result<Vec<Evidence>> {
-    let scope_total: i64 = conn.query_row(
-        &format!("SELECT count(*) FROM ({SCOPE})"),
-        params![scope, exclude],
-        |row| row.get(0),
-    )?;
-    let asked: Vec<Change> = changes.iter().chain(known).cloned().collect();
-    let ids = item_ids(conn, &asked)?;
-    let id_list = |list: &[Change]| -> String {
-        let ids: Vec<String> = list
-            .iter()
-            .filter_map(|c| ids.get(c))
-            .map(i32::to_string)
-            .collect();
-        if ids.is_empty() {
-            "NULL".to_owned()
-        } else {
-            ids.join(", ")
-        }
-    };
-    // Derivations in scope having each item, then having both a known item and a candidate.
-    let mut in_scope: HashMap<i32, i64> = HashMap::new();
-    let mut statement = conn.prepare(&format!(
-        "SELECT item, count(*) FROM changes
-         WHERE item IN ({}) AND derivation IN ({SCOPE}) GROUP BY item",
-        id_list(&asked)
-    ))?;
-    for row in statement.query_map(params![scope, exclude], |row| {
-        Ok((row.get::<_, i32>(0)?, row.get::<_, i64>(1)?))
-    })? {
-        let (item, count) = row?;
-        in_scope.insert(item, count);
-    }
-    let mut together: HashMap<(i32, i32), i64> = HashMap::new();
-    if !known.is_empty() {
-        let mut statement = conn.prepare(&format!(
-            "SELECT g.item, c.item, count(*)
-             FROM changes g JOIN changes c USING (derivation)
-             WHERE g.item IN ({}) AND c.item IN ({}) AND g.derivation IN ({SCOPE})
-             GROUP BY ALL",
-            id_list(known),
-            id_list(changes)
-        ))?;
-        for row in statement.query_map(params![scope, exclude], |row| {
-            Ok((
-                row.get::<_, i32>(0)?,
-                row.get::<_, i32>(1)?,
-                row.get::<_, i64>(2)?,
-            ))
-        })? {
-            let (given, change, count) = row?;
-            together.insert((given, change), count);
-        }
-    }
-    let count_of = |change: &Change| ids.get(change).and_then(|id| in_scope.get(id).copied());
-    Ok(changes
-        .iter()
-        .map(|change| {
-            let scope_with = count_of(change).unwrap_or(0);
-            let support = if scope_total > 0 {
-                scope_with as f64 / scope_total as f64
-            } else {
-                0.0
-            };
-            let mut best: Option<(&Change, i64, i64, f64)> = None;
-            for given in known {
-                let total = count_of(given).unwrap_or(0);
-                let with = ids
-                    .get(given)
-                    .zip(ids.get(change))
-                    .and_then(|(g, c)| together.get(&(*g, *c)).copied())
-                    .unwrap_or(0);
-                // Prefer strong evidence: confidence, then the larger sample.
-                if total >= 3 {
-                    let confidence = with as f64 / total as f64;
-                    if best.as_ref().is_none_or(|(_, t, _, c)| {
-                        confidence > *c || (confidence == *c && total > *t)
-                    }) {
-                        best = Some((given, total, with, confidence));
-                    }
-                }
-            }
-            let (given, given_total, given_with, confidence) = match best {
-                Some((given, total, with, confidence)) => {
-                    (Some(given.key()), total, with, confidence)
-                }
-                None => (None, 0, 0, support),
-            };
-            Evidence {
-                scope_total,
-                scope_with,
-                given,
-                given_total,
-                given_with,
-                support,
-                confidence,
-                lift: if support > 0.0 {
-                    confidence / support
-                } else {
-                    0.0
-                },
-            }
-        })
+    let mut query = Query::shared(scope, known);
+    query
+        .text(
+            "
+             candidates AS (
+                 SELECT w.ordinal + 1 AS position, i.id AS item, w.kind, w.subject, 0.0::DOUBLE AS score
+                 FROM ",
+        )
+        .changes("w", changes)
+        .text(" LEFT JOIN items i USING (kind, subject)),")
+        .evidence_rows();
+    Ok(query
+        .run(conn, known)?
+        .into_iter()
+        .map(|ranked| ranked.evidence)
         .collect())
-}
-
-/// The `items` ids of the changes the history has.
-fn item_ids(conn: &Connection, changes: &[Change]) -> anyhow::Result<HashMap<Change, i32>> {
-    let mut ids = HashMap::new();
-    if changes.is_empty() {
-        return Ok(ids);
-    }
-    let mut statement = conn.prepare(&format!(
-        "SELECT a.ordinal, i.id FROM {} JOIN items i USING (kind, subject)",
-        change_rows("a", changes.len())
-    ))?;
-    let mut values = Vec::new();
-    change_values(changes, &mut values);
-    for row in statement.query_map(params_from_iter(values), |row| {
-        Ok((row.get::<_, i32>(0)?, row.get::<_, i32>(1)?))
-    })? {
-        let (ordinal, id) = row?;
-        if let Some(change) = usize::try_from(ordinal).ok().and_then(|i| changes.get(i)) {
-            ids.insert(change.clone(), id);
-        }
-    }
-    Ok(ids)
 }
 
 /// The scope of a base in SQL: exact parent with at least `MIN_SCOPE` derivations, else its
@@ -241,22 +310,32 @@ pub fn sql_scope(conn: &Connection, base: &str) -> anyhow::Result<(String, Strin
             .replace('%', "\\%")
             .replace('_', "\\_")
     };
-    let mut tiers = vec![(base.to_owned(), escape(base))];
-    if let Some((family, _)) = base.split_once('/') {
-        tiers.push((format!("{family}/*"), format!("{}/%", escape(family))));
+    let exact = escape(base);
+    let family = base
+        .split_once('/')
+        .map(|(family, _)| (format!("{family}/*"), format!("{}/%", escape(family))));
+    // One pass over the derivations counts all three tiers.
+    let (exact_size, family_size, all): (i64, i64, i64) = conn.query_row(
+        "SELECT count(*) FILTER (WHERE parent LIKE ? ESCAPE '\\'),
+                count(*) FILTER (WHERE parent LIKE ? ESCAPE '\\'),
+                count(*)
+         FROM derivations",
+        params![
+            exact,
+            family.as_ref().map_or("", |(_, pattern)| pattern.as_str())
+        ],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )?;
+    let enough = |size: i64| size >= engine::MIN_SCOPE as i64;
+    if enough(exact_size) {
+        return Ok((base.to_owned(), exact, exact_size));
     }
-    for (label, pattern) in tiers {
-        let size: i64 = conn.query_row(
-            "SELECT count(*) FROM derivations WHERE parent LIKE ? ESCAPE '\\'",
-            params![pattern],
-            |row| row.get(0),
-        )?;
-        if size >= engine::MIN_SCOPE as i64 {
-            return Ok((label, pattern, size));
-        }
+    if let Some((label, pattern)) = family
+        && enough(family_size)
+    {
+        return Ok((label, pattern, family_size));
     }
-    let size: i64 = conn.query_row("SELECT count(*) FROM derivations", [], |row| row.get(0))?;
-    Ok(("all images".to_owned(), "%".to_owned(), size))
+    Ok(("all images".to_owned(), "%".to_owned(), all))
 }
 
 /// The ranking of [`engine`], computed by DuckDB over the history tables: neighbours
@@ -267,79 +346,64 @@ pub fn sql_rank(
     known: &[Change],
     limit: usize,
 ) -> anyhow::Result<Vec<engine::Scored>> {
-    sql_rank_excluding(conn, pattern, NO_EXCLUSION, known, limit)
+    Ok(sql_suggest(conn, Scope::parents(pattern), known, limit)?
+        .into_iter()
+        .map(|ranked| ranked.scored)
+        .collect())
 }
 
-/// [`sql_rank`] without the derivations whose child matches `exclude` (a regex).
-pub fn sql_rank_excluding(
+/// The best `limit` changes for an appliance with `known` changes, ranked as [`engine`]
+/// documents, each with its evidence.
+pub fn sql_suggest(
     conn: &Connection,
-    pattern: &str,
-    exclude: &str,
+    scope: Scope<'_>,
     known: &[Change],
     limit: usize,
-) -> anyhow::Result<Vec<engine::Scored>> {
-    // Neighbours are found from the known items' rows, so only derivations sharing something
-    // with the appliance are read whole; the support prior still counts the whole scope.
-    let sql = format!(
-        "WITH asked AS (SELECT * FROM {asked}),
-         total AS (SELECT count(*)::DOUBLE AS n FROM derivations),
-         known AS (
-             SELECT i.id AS item, ln((SELECT n FROM total) / i.derivations) AS idf
-             FROM asked a JOIN items i USING (kind, subject)
-         ),
-         known_weight AS (
-             SELECT sum(coalesce(ln((SELECT n FROM total) / i.derivations), ln((SELECT n FROM total)))) AS k
-             FROM asked a LEFT JOIN items i ON i.kind = a.kind AND i.subject = a.subject
-         ),
-         scope AS ({SCOPE}),
-         scoped AS (SELECT c.derivation, c.item FROM changes c SEMI JOIN scope s ON c.derivation = s.id),
-         overlap AS (
-             SELECT c.derivation, sum(k.idf) AS shared
-             FROM scoped c JOIN known k USING (item) GROUP BY c.derivation
-         ),
-         neighbour_changes AS (
-             SELECT c.derivation, c.item FROM changes c SEMI JOIN overlap o ON c.derivation = o.derivation
-         ),
-         sizes AS (
-             SELECT nc.derivation, sum(ln((SELECT n FROM total) / i.derivations)) AS size
-             FROM neighbour_changes nc JOIN items i ON i.id = nc.item GROUP BY nc.derivation
-         ),
-         weights AS (
-             SELECT o.derivation, pow(o.shared / sqrt(s.size * (SELECT k FROM known_weight)), ?) AS w
-             FROM overlap o JOIN sizes s USING (derivation)
-             WHERE s.size > 0 AND o.shared > 0 AND (SELECT k FROM known_weight) > 0
-         ),
-         votes AS (
-             SELECT nc.item, sum(w.w) AS score
-             FROM neighbour_changes nc JOIN weights w USING (derivation) GROUP BY nc.item
-         ),
-         support AS (SELECT item, count(*) AS n FROM scoped GROUP BY item)
-         SELECT i.kind, i.subject, coalesce(v.score, 0) + ? * s.n / (SELECT count(*) FROM scope) AS score
-         FROM support s LEFT JOIN votes v USING (item) JOIN items i ON i.id = s.item
-         WHERE s.item NOT IN (SELECT item FROM known)
-         ORDER BY score DESC, i.kind, i.subject
-         LIMIT ?",
-        asked = change_rows("k", known.len()),
-    );
-    let mut statement = conn.prepare(&sql)?;
-    let mut values: Vec<Value> = Vec::new();
-    change_values(known, &mut values);
-    values.push(pattern.to_owned().into());
-    values.push(exclude.to_owned().into());
-    values.push(engine::SHARPNESS.into());
-    values.push(engine::PRIOR.into());
-    values.push((limit as i64).into());
-    let rows = statement.query_map(params_from_iter(values), |row| {
-        Ok(engine::Scored {
-            change: Change {
-                kind: row.get(0)?,
-                subject: row.get(1)?,
-            },
-            score: row.get(2)?,
-        })
-    })?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .context("ranking suggestions")
+) -> anyhow::Result<Vec<Ranked>> {
+    let mut query = Query::shared(scope, known);
+    query
+        .text(
+            "
+             known_weight AS (
+                 SELECT sum(coalesce(ln((SELECT n FROM total) / i.derivations), ln((SELECT n FROM total)))) AS k
+                 FROM asked a LEFT JOIN items i ON i.kind = a.kind AND i.subject = a.subject
+             ),
+             sizes AS (
+                 SELECT nc.derivation, sum(ln((SELECT n FROM total) / i.derivations)) AS size
+                 FROM neighbour_changes nc JOIN items i ON i.id = nc.item GROUP BY nc.derivation
+             ),
+             weights AS (
+                 SELECT o.derivation, pow(o.shared / sqrt(s.size * (SELECT k FROM known_weight)), ",
+        )
+        .value(engine::SHARPNESS)
+        .text(
+            ") AS w
+                 FROM overlap o JOIN sizes s USING (derivation)
+                 WHERE s.size > 0 AND o.shared > 0 AND (SELECT k FROM known_weight) > 0
+             ),
+             votes AS (
+                 SELECT nc.item, sum(w.w) AS score
+                 FROM neighbour_changes nc JOIN weights w USING (derivation) GROUP BY nc.item
+             ),
+             candidates AS MATERIALIZED (
+                 SELECT row_number() OVER (ORDER BY score DESC, kind, subject) AS position,
+                        item, kind, subject, score
+                 FROM (
+                     SELECT s.item, i.kind, i.subject,
+                            coalesce(v.score, 0) + ",
+        )
+        .value(engine::PRIOR)
+        .text(
+            " * s.n / (SELECT n FROM scope_size) AS score
+                     FROM support s LEFT JOIN votes v USING (item) JOIN items i ON i.id = s.item
+                     WHERE s.item NOT IN (SELECT item FROM known)
+                     ORDER BY score DESC, i.kind, i.subject
+                     LIMIT ",
+        )
+        .value(limit as i64)
+        .text(")),")
+        .evidence_rows();
+    query.run(conn, known).context("ranking suggestions")
 }
 
 #[cfg(test)]
@@ -397,30 +461,46 @@ mod tests {
     }
 
     #[test]
-    fn an_appliance_s_own_images_are_recognised_by_child_name() {
-        let conn = Connection::open_in_memory().expect("duckdb");
-        let matches = |child: &str| -> bool {
-            conn.query_row(
-                "SELECT regexp_matches(?, ?)",
-                params![child, own_images("web")],
-                |row| row.get(0),
-            )
-            .expect("query")
+    fn an_appliance_s_own_images_are_left_out_by_child_name() {
+        let in_scope_without = |children: &[&str], appliance: &str| -> i64 {
+            let derivations: Vec<Derivation> = children
+                .iter()
+                .map(|child| Derivation {
+                    parent: "debian/bookworm".into(),
+                    child: (*child).into(),
+                    changes: vec![Change::new("package-added", "nginx")],
+                })
+                .collect();
+            let conn = database(&derivations);
+            let scope = Scope {
+                pattern: "debian/bookworm",
+                excluding_appliance: Some(appliance),
+            };
+            let evidence =
+                evidence_for(&conn, scope, &[Change::new("package-added", "nginx")], &[])
+                    .expect("evidence");
+            assert_eq!(evidence[0].scope_with, evidence[0].scope_total);
+            evidence[0].scope_total
         };
-        assert!(matches("web@1"));
-        assert!(matches("web/packages@12"));
-        assert!(!matches("web-debug@1"));
-        assert!(!matches("webx@1"));
-        assert!(!matches("other/web@1"));
-        let dotted = own_images("a.b");
-        assert!(
-            !conn
-                .query_row(
-                    "SELECT regexp_matches('axb@1', ?)",
-                    params![dotted],
-                    |row| row.get::<_, bool>(0)
-                )
-                .expect("query")
+        // Kept: another appliance whose name starts the same, one with the name as a later
+        // component, a child without a version.
+        assert_eq!(
+            in_scope_without(
+                &[
+                    "web@1",
+                    "web/packages@12",
+                    "web-debug@1",
+                    "webx@1",
+                    "other/web@1",
+                    "web/x"
+                ],
+                "web"
+            ),
+            4
+        );
+        assert_eq!(
+            in_scope_without(&["a.b@1", "axb@1", "a.b/packages@1"], "a.b"),
+            1
         );
     }
 
@@ -440,31 +520,72 @@ mod tests {
     }
 
     #[test]
-    fn evidence_for_many_changes_matches_each_alone() {
-        let conn = database(&history());
+    fn evidence_and_ranked_evidence_match_counts_over_the_derivations() {
+        let derivations = history();
+        let conn = database(&derivations);
         let known = [
             Change::new("package-added", "nginx"),
             Change::new("package-added", "curl"),
             Change::new("user-added", "nobody-has-this"),
         ];
+        let in_scope: Vec<&Derivation> = derivations
+            .iter()
+            .filter(|d| d.parent == "debian/bookworm")
+            .collect();
+        let having = |changes: &[&Change]| {
+            in_scope
+                .iter()
+                .filter(|d| changes.iter().all(|c| d.changes.contains(c)))
+                .count() as i64
+        };
+        let check = |change: &Change, evidence: &Evidence| {
+            assert_eq!(evidence.scope_total, in_scope.len() as i64, "{change:?}");
+            assert_eq!(evidence.scope_with, having(&[change]), "{change:?}");
+            // The given change: best confidence among those with at least 3 derivations.
+            let mut best: Option<(String, i64, i64)> = None;
+            for given in &known {
+                let (total, with) = (having(&[given]), having(&[given, change]));
+                let better = |(_, t, w): &(String, i64, i64)| {
+                    let (new, old) = (with as f64 / total as f64, *w as f64 / *t as f64);
+                    new > old || (new == old && total > *t)
+                };
+                if total >= 3 && best.as_ref().is_none_or(better) {
+                    best = Some((given.key(), total, with));
+                }
+            }
+            let actual = (
+                evidence.given.clone(),
+                evidence.given_total,
+                evidence.given_with,
+            );
+            let expected = best.map_or((None, 0, 0), |(g, t, w)| (Some(g), t, w));
+            assert_eq!(actual, expected, "{change:?}");
+        };
         let changes = [
             Change::new("package-added", "ca-certificates"),
             Change::new("package-added", "vim"),
             Change::new("package-added", "not-in-the-history"),
         ];
-        let together =
-            evidence_for(&conn, "debian/bookworm", NO_EXCLUSION, &changes, &known).expect("batch");
-        assert_eq!(together.len(), 3);
-        for (change, batched) in changes.iter().zip(&together) {
-            let alone = evidence(&conn, "debian/bookworm", change, &known).expect("one");
-            assert_eq!(
-                serde_json::to_value(batched).expect("json"),
-                serde_json::to_value(&alone).expect("json"),
-                "{change:?}"
-            );
+        let evidence = evidence_for(&conn, Scope::parents("debian/bookworm"), &changes, &known)
+            .expect("evidence");
+        assert_eq!(evidence.len(), changes.len());
+        for (change, evidence) in changes.iter().zip(&evidence) {
+            check(change, evidence);
         }
-        assert_eq!((together[2].scope_with, together[2].given_with), (0, 0));
-        assert!(together[1].scope_with > 0, "vim is in the fixture history");
+        assert!(evidence[1].scope_with > 0, "vim is in the fixture history");
+        let ranked =
+            sql_suggest(&conn, Scope::parents("debian/bookworm"), &known, 8).expect("ranking");
+        let mut candidates: Vec<&Change> = in_scope
+            .iter()
+            .flat_map(|d| &d.changes)
+            .filter(|c| !known.contains(c))
+            .collect();
+        candidates.sort();
+        candidates.dedup();
+        assert_eq!(ranked.len(), candidates.len().min(8));
+        for Ranked { scored, evidence } in &ranked {
+            check(&scored.change, evidence);
+        }
     }
 
     /// Per-item derivation counts as `remove` must leave them: recounted from `changes`.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::Change;
-use super::stats::{Evidence, evidence_for, own_images, sql_rank_excluding, sql_scope};
+use super::stats::{Evidence, Ranked, Scope, sql_scope, sql_suggest};
 use crate::check::CheckReport;
 use crate::diagnostics::{Diagnostic, Level, SourceFile, Span};
 use crate::manifest::model::{Appliance, BaseRef};
@@ -312,24 +312,18 @@ fn compute(
             .min_confidence
             .unwrap_or(options.min_confidence);
         let (scope_label, scope_pattern, _) = sql_scope(conn, &base)?;
-        let own = own_images(&appliance.name.value);
-        let candidates: Vec<_> = sql_rank_excluding(
-            conn,
-            &scope_pattern,
-            &own,
-            &known,
-            limit * 4 + ignored.len(),
-        )?
-        .into_iter()
-        .filter(|scored| {
-            !ignored.contains(&scored.change.key().as_str())
-                && !covered_by_copies(appliance, &scored.change)
-        })
-        .collect();
-        let changes: Vec<Change> = candidates.iter().map(|s| s.change.clone()).collect();
-        let evidence = evidence_for(conn, &scope_pattern, &own, &changes, &known)?;
+        let scope = Scope {
+            pattern: &scope_pattern,
+            excluding_appliance: Some(&appliance.name.value),
+        };
+        let candidates = sql_suggest(conn, scope, &known, limit * 4 + ignored.len())?
+            .into_iter()
+            .filter(|ranked| {
+                !ignored.contains(&ranked.scored.change.key().as_str())
+                    && !covered_by_copies(appliance, &ranked.scored.change)
+            });
         let mut rank = 0;
-        for (scored, evidence) in candidates.into_iter().zip(evidence) {
+        for Ranked { scored, evidence } in candidates {
             if rank >= limit {
                 break;
             }
