@@ -4,7 +4,9 @@
 //! ```text
 //! <store>/
 //!   catalog.duckdb      images, entries (path, type, mode, owner, size, digest, link,
-//!                       device numbers, xattrs, mtime) and installed packages
+//!                       device numbers, xattrs, mtime), installed packages, and the
+//!                       derivation history (see `history`); its schema version is in
+//!                       `meta`, and a writing open upgrades older ones
 //!   objects/ab/cdef…    file contents named by SHA-256, stored once, read-only
 //!   staging/<id>/       objects of imports in progress (gc removes those of dead processes)
 //!   quarantine/         objects that failed verification (`fsck --repair`)
