@@ -57,6 +57,9 @@ pub fn source_date_epoch() -> Option<i64> {
     std::env::var("SOURCE_DATE_EPOCH").ok()?.trim().parse().ok()
 }
 
+/// Archive writes go out in chunks this large rather than per 8 KiB read.
+const WRITE_CHUNK: usize = 1024 * 1024;
+
 pub fn export(tree: &Tree, objects: &Objects, destination: &Path) -> anyhow::Result<ExportReport> {
     match ExportFormat::for_path(destination) {
         ExportFormat::Directory => export_directory(tree, objects, destination),
@@ -72,18 +75,23 @@ pub fn export(tree: &Tree, objects: &Objects, destination: &Path) -> anyhow::Res
             let file = temp.reopen()?;
             let epoch = source_date_epoch();
             let report = if format == ExportFormat::TarZst {
-                let mut encoder = zstd::stream::write::Encoder::new(io::BufWriter::new(file), 3)?;
+                let mut encoder = zstd::stream::write::Encoder::new(
+                    io::BufWriter::with_capacity(WRITE_CHUNK, file),
+                    3,
+                )?;
                 encoder.include_checksum(true)?;
                 let report = write_tar(tree, objects, &mut encoder, epoch)?;
                 encoder.finish()?.flush()?;
                 report
             } else {
-                let mut writer = io::BufWriter::new(file);
+                let mut writer = io::BufWriter::with_capacity(WRITE_CHUNK, file);
                 let report = write_tar(tree, objects, &mut writer, epoch)?;
                 writer.flush()?;
                 report
             };
-            temp.as_file().sync_all()?;
+            // Not flushed to disk: like tar and cp (and our disk outputs), an export is a copy
+            // of what the store holds durably. The rename keeps a killed export from leaving
+            // a partial file at the destination.
             temp.persist(destination)
                 .with_context(|| format!("moving the archive to {}", destination.display()))?;
             Ok(report)
