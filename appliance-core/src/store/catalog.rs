@@ -137,6 +137,11 @@ impl Catalog {
                 |row| row.get(0),
             )
             .ok();
+        match existing.as_deref() {
+            None | Some(SCHEMA_VERSION) | Some("1") => {}
+            // A newer cargo-appliance's catalog: leave it untouched (`open` says why).
+            Some(_) => return Ok(()),
+        }
         if existing.as_deref() == Some("1") {
             // Schema 2 changed only the history's tables; one transaction, so a killed
             // upgrade leaves schema 1 to upgrade again.
@@ -501,5 +506,31 @@ mod tests {
                 change("package-added", "varnish")
             ]
         );
+    }
+
+    #[test]
+    fn a_newer_catalog_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.duckdb");
+        {
+            let conn = Connection::open(&path).expect("create");
+            conn.execute_batch(
+                "CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+                 INSERT INTO meta VALUES ('schema_version', '99');",
+            )
+            .expect("a future catalog");
+        }
+        for read_only in [false, true] {
+            let refused = Catalog::open(&path, read_only).expect_err("schema 99");
+            assert!(
+                format!("{refused:#}").contains("schema version 99"),
+                "{refused:#}"
+            );
+        }
+        let conn = Connection::open(&path).expect("reopen");
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM duckdb_tables()", [], |row| row.get(0))
+            .expect("tables");
+        assert_eq!(tables, 1, "only the future catalog's own table");
     }
 }
