@@ -205,14 +205,15 @@ fn owned_paths(side: &Side<'_>) -> anyhow::Result<BTreeSet<String>> {
         if !path.starts_with("var/lib/dpkg/info/") {
             break;
         }
-        if path.ends_with(".list") && entry.kind == EntryKind::File {
-            if let Some(content) = text(side, path)? {
-                owned.extend(
-                    content
-                        .lines()
-                        .map(|line| through_top_level_links(side.tree, line)),
-                );
-            }
+        if path.ends_with(".list")
+            && entry.kind == EntryKind::File
+            && let Some(content) = text(side, path)?
+        {
+            owned.extend(
+                content
+                    .lines()
+                    .map(|line| through_top_level_links(side.tree, line)),
+            );
         }
     }
     Ok(owned)

@@ -261,20 +261,19 @@ impl Resolver<'_> {
             self.check_binary(appliance, binary, file);
         }
         for run in &appliance.runs {
-            if let RunSource::File { path } = &run.source {
-                if let Some(resolved) = self.resolve_source(appliance, path, false, dir, file) {
-                    if !resolved.is_file() {
-                        self.report(
-                            appliance,
-                            Diagnostic::error(
-                                "appliance::not-a-file",
-                                format!("script `{}` is not a file", path.value),
-                            )
-                            .at(file, path.span)
-                            .label("not a file"),
-                        );
-                    }
-                }
+            if let RunSource::File { path } = &run.source
+                && let Some(resolved) = self.resolve_source(appliance, path, false, dir, file)
+                && !resolved.is_file()
+            {
+                self.report(
+                    appliance,
+                    Diagnostic::error(
+                        "appliance::not-a-file",
+                        format!("script `{}` is not a file", path.value),
+                    )
+                    .at(file, path.span)
+                    .label("not a file"),
+                );
             }
         }
     }

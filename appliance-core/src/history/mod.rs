@@ -147,11 +147,10 @@ pub fn insert_for_images<'a>(
     {
         let mut derivation_rows = tx.appender("derivations")?;
         let mut change_rows = tx.appender("incoming_changes")?;
-        let mut next = first;
-        for (derivation, image) in derivations {
+        for (id, (derivation, image)) in (first..).zip(derivations) {
             count += 1;
             derivation_rows.append_row(params![
-                next,
+                id,
                 derivation.parent,
                 derivation.child,
                 origin,
@@ -160,10 +159,9 @@ pub fn insert_for_images<'a>(
             let mut seen = std::collections::BTreeSet::new();
             for change in &derivation.changes {
                 if seen.insert(change) {
-                    change_rows.append_row(params![next, change.kind, change.subject])?;
+                    change_rows.append_row(params![id, change.kind, change.subject])?;
                 }
             }
-            next += 1;
         }
         derivation_rows.flush()?;
         change_rows.flush()?;

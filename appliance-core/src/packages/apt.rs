@@ -250,7 +250,7 @@ pub fn install(
     let sources_key = sources_digest(root)?;
     let cached_lists = cache.lists.join(&sources_key);
     let fresh = fs_err::metadata(cached_lists.join(".fetched"))
-        .and_then(|m| m.modified().map_err(Into::into))
+        .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age < LISTS_MAX_AGE);
