@@ -29,10 +29,13 @@ use super::{Change, Derivation};
 
 /// Fewer derivations than this from the exact base: fall back to its family.
 pub const MIN_SCOPE: usize = 20;
-/// Exponent on neighbour weights: higher trusts close neighbours more.
-pub const SHARPNESS: f64 = 2.0;
-/// Weight of plain support in the score.
-pub const PRIOR: f64 = 0.05;
+/// Exponent on neighbour weights: higher trusts close neighbours more. Chosen on the shared
+/// corpus with `history evaluate` (recall@5: 1 → 0.320, 2 → 0.397, 3 → 0.434, 4 → 0.438,
+/// 6 → 0.407, 8 → 0.372, all with a prior of 0.05).
+pub const SHARPNESS: f64 = 4.0;
+/// Weight of plain support in the score: with sharp weights a neighbour's vote is small, so
+/// the prior must be too (recall@5 at sharpness 4: 0.05 → 0.438, 0.01 → 0.446).
+pub const PRIOR: f64 = 0.01;
 
 struct Row {
     parent: String,
