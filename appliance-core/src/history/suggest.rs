@@ -241,6 +241,13 @@ fn cache_key(store: &Store, report: &CheckReport, options: &SuggestOptions) -> S
     use sha2::{Digest as _, Sha256};
     let mut hasher = Sha256::new();
     hasher.update(store.catalog_stamp());
+    // Another build of cargo-appliance may rank differently.
+    hasher.update(format!(
+        "{} {} {}\n",
+        env!("CARGO_PKG_VERSION"),
+        super::engine::SHARPNESS,
+        super::engine::PRIOR
+    ));
     hasher.update(format!(
         "{} {} {} {}\n",
         options.limit, options.min_support, options.min_confidence, options.min_images
