@@ -14,11 +14,12 @@
 //!
 //! Sharing a rare change (`libpq-dev`) says more about a neighbour than sharing one nearly
 //! every derivation has (`ca-certificates`, `/app`): overlaps are weighted by inverse
-//! document frequency. On the shared corpus this lifts recall@5 by about a seventh over plain
-//! overlap counts. Neighbours that share more of what the appliance already has vote more; the small prior
-//! (the share of the scope with `c`) orders changes no neighbour has, and is the whole score
-//! for an appliance with no known changes. The popularity baseline ranks by support alone.
-//! `history evaluate` measures both on the same hidden changes.
+//! document frequency (on the shared corpus, at sharpness 2, this lifted recall@5 by about a
+//! seventh over plain overlap counts). Neighbours that share more of what the appliance
+//! already has vote more; the small prior (the share of the scope with `c`) orders changes no
+//! neighbour has, and is the whole score for an appliance with no known changes. The
+//! popularity baseline ranks by support alone. `history evaluate` measures both on the same
+//! hidden changes: on the shared corpus, recall@5 0.446 against 0.236.
 
 use std::collections::HashMap;
 use std::rc::Rc;
