@@ -369,7 +369,9 @@ impl Index {
     }
 }
 
-fn like_escape(text: &str) -> String {
+/// `text` as a literal inside a SQL LIKE pattern with `ESCAPE '\'`: the SQL scope and this
+/// index's scope must select the same parents.
+pub(super) fn like_escape(text: &str) -> String {
     text.replace('\\', "\\\\")
         .replace('%', "\\%")
         .replace('_', "\\_")

@@ -305,15 +305,13 @@ pub fn evidence_for(
 /// The scope of a base in SQL: exact parent with at least `MIN_SCOPE` derivations, else its
 /// family (`debian/%`), else everything. Returns (label, LIKE pattern, size).
 pub fn sql_scope(conn: &Connection, base: &str) -> anyhow::Result<(String, String, i64)> {
-    let escape = |t: &str| {
-        t.replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_")
-    };
-    let exact = escape(base);
-    let family = base
-        .split_once('/')
-        .map(|(family, _)| (format!("{family}/*"), format!("{}/%", escape(family))));
+    let exact = engine::like_escape(base);
+    let family = base.split_once('/').map(|(family, _)| {
+        (
+            format!("{family}/*"),
+            format!("{}/%", engine::like_escape(family)),
+        )
+    });
     // One pass over the derivations counts all three tiers.
     let (exact_size, family_size, all): (i64, i64, i64) = conn.query_row(
         "SELECT count(*) FILTER (WHERE parent LIKE ? ESCAPE '\\'),
