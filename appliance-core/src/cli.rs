@@ -94,7 +94,8 @@ pub enum Command {
     /// Create a base image from a Debian suite with mmdebstrap
     #[command(subcommand)]
     Base(BaseCommand),
-    /// Remove objects no image references, and leftovers of interrupted imports
+    /// Remove objects no image references, leftovers of interrupted imports, and cached
+    /// materialized trees of images that are gone
     Gc,
     /// Verify every object against its digest and every catalog reference
     Fsck(FsckArgs),

@@ -249,10 +249,11 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                     global,
                     "Removed",
                     &format!(
-                        "{} ({}), {}",
+                        "{} ({}), {}, {}",
                         plural(report.removed_objects, "object"),
                         human_bytes(report.removed_bytes as i64),
-                        plural(report.removed_staging, "interrupted import")
+                        plural(report.removed_staging, "interrupted import"),
+                        plural(report.removed_cached_trees, "cached tree")
                     ),
                 );
             }

@@ -70,18 +70,27 @@ impl Env {
     }
 
     fn command(&self, workspace: &Path, args: &[&str]) -> Output {
+        self.command_with(workspace, args, &[])
+    }
+
+    fn command_with(&self, workspace: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         binary()
             .current_dir(workspace)
             .arg("--store")
             .arg(&self.store)
             .args(args)
             .env("CARGO_TARGET_DIR", &self.target)
+            .envs(env.iter().copied())
             .output()
             .expect("the binary runs")
     }
 
     fn ok(&self, workspace: &Path, args: &[&str]) -> String {
-        let output = self.command(workspace, args);
+        self.ok_with(workspace, args, &[])
+    }
+
+    fn ok_with(&self, workspace: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+        let output = self.command_with(workspace, args, env);
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         assert!(
             output.status.success(),
@@ -174,6 +183,10 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
         "{built}"
     );
     assert!(built.contains("Built web → web@1"), "{built}");
+    assert!(
+        built.contains("working on an overlay of debian/bookworm@1"),
+        "apt ran on an overlay of the cached base: {built}"
+    );
     assert!(workspace.join("Appliance.lock").is_file());
 
     // Inspect the stored image, exported as root so owners are real.
@@ -296,16 +309,39 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
     assert_eq!(web2["parent_reference"], "web/packages@1");
     assert_eq!(env.images().len(), images_before + 1);
 
-    // Offline, the package step runs again from the store's cached lists and .debs.
+    // Offline, the package step runs again from the store's cached lists and .debs; this
+    // time on a full copy of the base instead of an overlay, which must give the same tree.
+    let overlaid = work.path().join("overlaid-packages");
+    env.export("web/packages", &overlaid);
     env.ok(
         Path::new("/"),
         &["image", "rm", "web/packages", "--recursive"],
     );
-    let offline = env.ok(&workspace, &["build", "-a", "web", "--offline"]);
+    let offline = env.ok_with(
+        &workspace,
+        &["build", "-a", "web", "--offline", "-v"],
+        &[("CARGO_APPLIANCE_NO_OVERLAY", "1")],
+    );
     assert!(
         offline.contains("Installing nginx, openssh-server"),
         "{offline}"
     );
+    assert!(!offline.contains("working on an overlay"), "{offline}");
+    let copied = work.path().join("copied-packages");
+    env.export("web/packages", &copied);
+    // apt's own logs name the command line, which differs (--no-download).
+    let listing = |root: &Path| -> Vec<String> {
+        tree_listing(root)
+            .into_iter()
+            .filter(|l| !l.starts_with("./var/log/apt/"))
+            .collect()
+    };
+    let (from_overlay, from_copy) = (listing(&overlaid), listing(&copied));
+    assert!(from_overlay.len() > 5000, "{}", from_overlay.len());
+    for (a, b) in from_overlay.iter().zip(&from_copy) {
+        assert_eq!(a, b, "overlay and copy disagree");
+    }
+    assert_eq!(from_overlay.len(), from_copy.len());
     let images_before = env.images().len();
 
     // --locked accepts an unchanged lock and refuses a change.

@@ -9,7 +9,9 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 use crate::packages::apt::{self, AptCache, AptRequest, Sandbox, UnknownPackage};
-use crate::store::tree::hex;
+use crate::packages::overlay::{self, Overlay};
+use crate::store::materialized::MaterializedTree;
+use crate::store::tree::{Tree, hex};
 use crate::store::{ImageRecord, NewTree, Store};
 
 use super::progress::Reporter;
@@ -180,7 +182,96 @@ impl std::fmt::Debug for Execution<'_> {
     }
 }
 
-/// Materialize `start`, run apt in the sandbox, store the result as a child of `start`.
+/// Set (to anything but `0`), the package step copies the start image instead of overlaying
+/// it: for stores on filesystems where overlayfs misbehaves, and to compare the two.
+pub const NO_OVERLAY_ENV: &str = "CARGO_APPLIANCE_NO_OVERLAY";
+
+/// Where apt works: an overlay on a cached materialized copy of the start image (only the
+/// changes are written and read back), or, where overlayfs is unavailable, a full copy.
+enum WorkRoot {
+    Overlay {
+        overlay: Overlay,
+        _lower: MaterializedTree,
+    },
+    Copy {
+        root: std::path::PathBuf,
+        known: crate::store::import::KnownContent,
+    },
+}
+
+impl WorkRoot {
+    fn new(
+        exec: &Execution<'_>,
+        start: &ImageRecord,
+        tree: &Tree,
+        scratch: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let store = exec.store;
+        let refused = std::env::var_os(NO_OVERLAY_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+        if !refused && overlay::can_overlay(tree) {
+            let lower = store.materialized(tree, &start.tree_digest)?;
+            match Overlay::mount(lower.path(), &scratch.join("overlay")) {
+                Ok(overlay) => {
+                    exec.reporter.explain(&format!(
+                        "working on an overlay of {} ({} materialized copy)",
+                        start.reference(),
+                        if lower.written { "a new" } else { "the cached" }
+                    ));
+                    return Ok(WorkRoot::Overlay {
+                        overlay,
+                        _lower: lower,
+                    });
+                }
+                Err(error) => exec
+                    .reporter
+                    .explain(&format!("{error:#}; working on a full copy instead")),
+            }
+        }
+        let root = scratch.join("root");
+        crate::store::export::export_directory(tree, &store.objects(), &root)?;
+        let known = crate::store::import::KnownContent::record(&root, tree)?;
+        Ok(WorkRoot::Copy { root, known })
+    }
+
+    fn sandbox(&self) -> anyhow::Result<Sandbox> {
+        match self {
+            WorkRoot::Overlay { overlay, .. } => {
+                Sandbox::prepare_entered(&overlay.view(), overlay.merged(), overlay.enter())
+            }
+            WorkRoot::Copy { root, .. } => Sandbox::prepare(root),
+        }
+    }
+
+    /// The start tree with apt's changes, its new content staged.
+    fn import(
+        self,
+        tree: Tree,
+        staging: &mut crate::store::objects::Staging,
+    ) -> anyhow::Result<crate::store::import::Imported> {
+        let limits = crate::store::import::Limits::default();
+        match self {
+            WorkRoot::Overlay { overlay, _lower } => {
+                let upper = overlay.unmount()?;
+                crate::store::import::apply_overlay_upper(tree, &upper, staging, limits)
+            }
+            WorkRoot::Copy { root, known } => {
+                let imported = crate::store::import::import_directory_with(
+                    &root,
+                    staging,
+                    limits,
+                    Some(&known),
+                    true,
+                )?;
+                // The materialized tree's unwritten pages are dropped with it rather than
+                // flushed by the sync that makes the new objects durable.
+                fs_err::remove_dir_all(&root)?;
+                Ok(imported)
+            }
+        }
+    }
+}
+
+/// Run apt on `start` in the sandbox, store the result as a child of `start`.
 pub fn execute(
     exec: &Execution<'_>,
     origin: &ImageRecord,
@@ -191,23 +282,22 @@ pub fn execute(
 ) -> anyhow::Result<ImageRecord> {
     let store = exec.store;
     let staging = store.staging()?;
-    let root = staging.dir().join("root");
     let result = (|| -> anyhow::Result<ImageRecord> {
         let phase = std::time::Instant::now();
         let spinner = exec
             .reporter
-            .spinner(&format!("materializing {}", start.reference()));
+            .spinner(&format!("preparing {}", start.reference()));
         let tree = store.tree(start)?;
-        crate::store::export::export_directory(&tree, &store.objects(), &root)?;
-        let known = crate::store::import::KnownContent::record(&root, &tree)?;
+        let work = WorkRoot::new(exec, start, &tree, staging.dir());
         spinner.finish_and_clear();
+        let work = work?;
         exec.reporter.explain(&format!(
-            "materialized {} in {:.2}s",
+            "prepared {} for apt in {:.2}s",
             start.reference(),
             phase.elapsed().as_secs_f64()
         ));
         let phase = std::time::Instant::now();
-        let sandbox = Sandbox::prepare(&root)?;
+        let sandbox = work.sandbox()?;
         let cache = AptCache {
             debs: store.root().join("cache/debs"),
             lists: store.root().join("cache/apt-lists"),
@@ -225,7 +315,7 @@ pub fn execute(
             offline: exec.offline,
         };
         let spinner = exec.reporter.spinner("apt");
-        let outcome = apt::install(&sandbox, &cache, &request, |what| {
+        let outcome = apt::install(&sandbox, &cache, staging.dir(), &request, |what| {
             spinner.set_message(what.to_owned())
         });
         spinner.finish_and_clear();
@@ -247,16 +337,7 @@ pub fn execute(
         let phase = std::time::Instant::now();
         let spinner = exec.reporter.spinner("storing the package image");
         let mut import_staging = store.staging()?;
-        let imported = crate::store::import::import_directory_with(
-            &root,
-            &mut import_staging,
-            crate::store::import::Limits::default(),
-            Some(&known),
-            true,
-        )?;
-        // The materialized tree's unwritten pages are dropped with it rather than flushed by
-        // the sync that makes the new objects durable.
-        fs_err::remove_dir_all(&root)?;
+        let imported = work.import(tree, &mut import_staging)?;
         let record = store.commit_tree(
             &NewTree {
                 name: exec.image_name.clone(),

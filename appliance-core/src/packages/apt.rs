@@ -11,9 +11,15 @@ use anyhow::{Context as _, bail};
 use std::io::{Read as _, Seek as _};
 
 /// Sets up the sandbox inside the new namespaces, then runs the command in the chroot.
-/// Mounts live and die with the namespace: a killed build leaves none behind.
+/// Mounts live and die with the namespace: a killed build leaves none behind. Arguments:
+/// the root, the number of bind mounts, a (host directory, directory in the root) pair for
+/// each, then the command.
 const SANDBOX_SETUP: &str = r#"set -eu
-root=$1; shift
+root=$1; binds=$2; shift 2
+while [ "$binds" -gt 0 ]; do
+    mount --bind "$1" "$root/$2"
+    shift 2; binds=$((binds - 1))
+done
 mount -t proc proc "$root/proc"
 mount -t tmpfs -o mode=0755,nosuid tmpfs "$root/dev"
 for node in null zero full random urandom tty; do
@@ -56,7 +62,12 @@ pub fn sandbox_problem() -> Option<String> {
 /// preparation so the tree can be imported as it would be on a real machine.
 #[derive(Debug)]
 pub struct Sandbox {
+    /// The image's root as this process reaches it.
     root: PathBuf,
+    /// The same root where the sandbox's commands start (inside `enter`'s namespace).
+    root_inside: PathBuf,
+    /// Command prefix that enters the mount namespace the root lives in (an overlay's).
+    enter: Vec<std::ffi::OsString>,
     had_policy_rc_d: bool,
     original_resolv_conf: Option<ResolvConf>,
 }
@@ -74,21 +85,50 @@ pub struct Ran {
     pub output: String,
 }
 
+/// A bind mount into the sandbox: a host directory at a directory of the image.
+#[derive(Debug, Clone)]
+pub struct Bind {
+    pub host: PathBuf,
+    /// Relative to the image's root; made a real directory by [`real_dir`] first.
+    pub inside: &'static str,
+}
+
+/// Make `relative` a directory of the tree under `root`, creating what is missing, and
+/// refuse if any component is a symlink or not a directory: writes and mounts there must
+/// stay inside the image (an absolute symlink would lead them onto the host).
+pub fn real_dir(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
+    let mut path = root.to_path_buf();
+    for component in relative.split('/').filter(|c| !c.is_empty()) {
+        path.push(component);
+        match fs_err::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => bail!(
+                "the image's /{relative} is not a directory (/{component} is a symlink or a file)"
+            ),
+            Err(_) => fs_err::create_dir(&path)?,
+        }
+    }
+    Ok(path)
+}
+
 impl Sandbox {
+    /// Prepare the image materialized at `root`.
     pub fn prepare(root: &Path) -> anyhow::Result<Self> {
+        Self::prepare_entered(root, root, Vec::new())
+    }
+
+    /// Prepare an image that this process reaches at `root` and that commands reach at
+    /// `root_inside` once `enter` has taken them into its mount namespace.
+    pub fn prepare_entered(
+        root: &Path,
+        root_inside: &Path,
+        enter: Vec<std::ffi::OsString>,
+    ) -> anyhow::Result<Self> {
         if let Some(problem) = sandbox_problem() {
             bail!(problem);
         }
         for dir in ["proc", "dev", "tmp", "etc", "usr/sbin"] {
-            let path = root.join(dir);
-            if fs_err::symlink_metadata(&path).is_err() {
-                fs_err::create_dir_all(&path)?;
-            }
-            // Mount points must be real directories of this tree, never symlinks out of it.
-            anyhow::ensure!(
-                fs_err::symlink_metadata(&path)?.is_dir(),
-                "the image's /{dir} is not a directory"
-            );
+            real_dir(root, dir)?;
         }
         let resolv = root.join("etc/resolv.conf");
         let original_resolv_conf = Some(match fs_err::symlink_metadata(&resolv) {
@@ -112,6 +152,8 @@ impl Sandbox {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            root_inside: root_inside.to_path_buf(),
+            enter,
             had_policy_rc_d,
             original_resolv_conf,
         })
@@ -123,8 +165,24 @@ impl Sandbox {
 
     /// Run a command inside the image; the error carries the command's output.
     pub fn run(&self, argv: &[&str]) -> anyhow::Result<Ran> {
+        self.run_with(argv, &[])
+    }
+
+    /// [`Sandbox::run`] with host directories bind-mounted into the image for the command.
+    pub fn run_with(&self, argv: &[&str], binds: &[Bind]) -> anyhow::Result<Ran> {
         let log = tempfile::tempfile().context("creating a log file")?;
-        let status = std::process::Command::new("unshare")
+        let mut command = match self.enter.split_first() {
+            Some((program, args)) => {
+                let mut command = std::process::Command::new(program);
+                command.args(args).arg("unshare");
+                command
+            }
+            None => std::process::Command::new("unshare"),
+        };
+        for bind in binds {
+            real_dir(&self.root, bind.inside)?;
+        }
+        let status = command
             .args([
                 "--mount",
                 "--propagation",
@@ -134,7 +192,13 @@ impl Sandbox {
                 "--kill-child",
             ])
             .args(["sh", "-c", SANDBOX_SETUP, "sandbox"])
-            .arg(&self.root)
+            .arg(&self.root_inside)
+            .arg(binds.len().to_string())
+            .args(
+                binds
+                    .iter()
+                    .flat_map(|b| [b.host.as_os_str(), b.inside.as_ref()]),
+            )
             .args(argv)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .env("DEBCONF_NONINTERACTIVE_SEEN", "true")
@@ -236,17 +300,32 @@ pub struct UnknownPackage {
 
 /// Install and remove packages in the sandbox. Unknown package names are reported before
 /// apt runs (`Err` of the outer result is an apt or setup failure).
+///
+/// apt's lists and archives are directories of `scratch` (on the store's filesystem, so the
+/// caches are hard-linked in and out) bind-mounted over the image's: the image's own stay as
+/// they were, and nothing has to be cleaned out of it afterwards.
 pub fn install(
     sandbox: &Sandbox,
     cache: &AptCache,
+    scratch: &Path,
     request: &AptRequest,
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<Result<String, Vec<UnknownPackage>>> {
     let root = sandbox.root();
-    let lists = root.join("var/lib/apt/lists");
-    let archives = root.join("var/cache/apt/archives");
+    let lists = scratch.join("apt-lists");
+    let archives = scratch.join("apt-archives");
     fs_err::create_dir_all(lists.join("partial"))?;
     fs_err::create_dir_all(archives.join("partial"))?;
+    let binds = [
+        Bind {
+            host: lists.clone(),
+            inside: "var/lib/apt/lists",
+        },
+        Bind {
+            host: archives.clone(),
+            inside: "var/cache/apt/archives",
+        },
+    ];
     let sources_key = sources_digest(root)?;
     let cached_lists = cache.lists.join(&sources_key);
     let fresh = fs_err::metadata(cached_lists.join(".fetched"))
@@ -259,7 +338,8 @@ pub fn install(
     let cached_source_cache = cached_lists.join(SOURCE_CACHE);
     let lists_from_cache = cached_lists.is_dir() && (fresh || request.offline);
     if lists_from_cache {
-        // Linked, not copied: `apt-get install` only reads them, and `clear_dir` unlinks them.
+        // Linked, not copied: `apt-get install` only reads them, and the scratch directory
+        // holding the links is discarded.
         copy_dir_files(&cached_lists, &lists, true)?;
         // apt's parsed form of the lists, valid while they are the same files: saves apt
         // parsing tens of MiB of indexes on every run.
@@ -272,7 +352,9 @@ pub fn install(
         );
     } else {
         progress("apt-get update");
-        log += &sandbox.run(&["apt-get", "-q", "update"])?.output;
+        log += &sandbox
+            .run_with(&["apt-get", "-q", "update"], &binds)?
+            .output;
         save_lists(&lists, &cached_lists)?;
     }
     let known = index_package_names(&lists)?;
@@ -289,10 +371,8 @@ pub fn install(
         })
         .collect();
     if !unknown.is_empty() {
-        clear_dir(&lists)?;
         return Ok(Err(unknown));
     }
-    let before: BTreeSet<String> = list_debs(&archives)?;
     link_debs(&cache.debs, &archives)?;
     let mut apt = vec![
         "apt-get",
@@ -327,21 +407,15 @@ pub fn install(
         request.install.len(),
         request.remove.len()
     ));
-    let ran = sandbox.run(&apt);
+    let ran = sandbox.run_with(&apt, &binds);
     // Keep what was downloaded even when the install failed: the next try reuses it.
     save_debs(&archives, &cache.debs)?;
-    for deb in list_debs(&archives)? {
-        if !before.contains(&deb) {
-            fs_err::remove_file(archives.join(&deb))?;
-        }
-    }
     log += &ran?.output;
     if lists_from_cache && !cached_source_cache.exists() && source_cache.is_file() {
         let temp = cached_lists.join(format!(".{SOURCE_CACHE}.{}", std::process::id()));
         fs_err::copy(&source_cache, &temp)?;
         fs_err::rename(&temp, &cached_source_cache)?;
     }
-    clear_dir(&lists)?;
     for generated in ["pkgcache.bin", "srcpkgcache.bin"] {
         let path = root.join("var/cache/apt").join(generated);
         if path.exists() {
@@ -436,7 +510,9 @@ fn save_debs(archives: &Path, cache: &Path) -> anyhow::Result<()> {
         }
         // Write under a temporary name first: a reader never sees half a package.
         let temp = cache.join(format!(".{deb}.partial"));
-        fs_err::copy(archives.join(&deb), &temp)?;
+        if std::fs::hard_link(archives.join(&deb), &temp).is_err() {
+            fs_err::copy(archives.join(&deb), &temp)?;
+        }
         fs_err::rename(&temp, &target)?;
     }
     Ok(())
@@ -478,17 +554,6 @@ fn copy_dir_files(from: &Path, to: &Path, link: bool) -> anyhow::Result<()> {
             if !link || std::fs::hard_link(entry.path(), &target).is_err() {
                 fs_err::copy(entry.path(), &target)?;
             }
-        }
-    }
-    Ok(())
-}
-
-/// Empty apt's lists directory as mmdebstrap leaves it: the image does not carry indexes.
-fn clear_dir(lists: &Path) -> anyhow::Result<()> {
-    for entry in fs_err::read_dir(lists)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() && entry.file_name() != "lock" {
-            fs_err::remove_file(entry.path())?;
         }
     }
     Ok(())

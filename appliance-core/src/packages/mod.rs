@@ -5,3 +5,4 @@
 pub mod apt;
 pub mod debian;
 pub mod dpkg;
+pub mod overlay;

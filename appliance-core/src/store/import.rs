@@ -422,86 +422,202 @@ pub fn import_directory_with(
     let mut builder = Builder::new(staging, limits);
     let root_meta = fs_err::symlink_metadata(root)?;
     builder.add("", entry_from_metadata(root, &root_meta, EntryKind::Dir)?)?;
-    let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
+    let mut walk = DiskWalk {
+        root,
+        known,
+        scratch,
+        overlay: false,
+        inodes: HashMap::new(),
+    };
     let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let mut children: Vec<_> = fs_err::read_dir(&dir)?.collect::<Result<_, _>>()?;
-        children.sort_by_key(|c| c.file_name());
-        for child in children {
-            let full = child.path();
-            let relative = full.strip_prefix(root).unwrap_or(&full);
-            let Some(relative) = relative.to_str() else {
-                bail!("{} has a name that is not valid UTF-8", full.display());
-            };
-            let path = normalize_path(relative)?;
-            let meta = fs_err::symlink_metadata(&full)?;
-            let file_type = meta.file_type();
-            use std::os::unix::fs::FileTypeExt as _;
-            let context = || format!("importing {}", full.display());
-            if file_type.is_dir() {
-                builder
-                    .add(&path, entry_from_metadata(&full, &meta, EntryKind::Dir)?)
-                    .with_context(context)?;
+        for (full, path, meta) in walk.children(&dir)? {
+            if walk.add(&mut builder, &full, &path, &meta)? {
                 stack.push(full);
-            } else if file_type.is_file() {
-                let key = (meta.dev(), meta.ino());
-                if meta.nlink() > 1
-                    && let Some(first) = inodes.get(&key)
-                {
-                    let mut entry = entry_from_metadata(&full, &meta, EntryKind::Hardlink)?;
-                    entry.link_target = Some(first.clone());
-                    builder.add(&path, entry).with_context(context)?;
-                    continue;
-                }
-                let mut entry = entry_from_metadata(&full, &meta, EntryKind::File)?;
-                match known.and_then(|k| k.digest_of(&meta)) {
-                    Some(digest) if path != STATUS_PATH => {
-                        entry.size = meta.len();
-                        entry.digest = Some(digest.to_owned());
-                        builder.add(&path, entry).with_context(context)?;
-                    }
-                    // Hard-linked files stay: their other names are imported later.
-                    _ if scratch && path != STATUS_PATH && meta.nlink() == 1 => {
-                        builder
-                            .adopt_file(&path, entry, &full)
-                            .with_context(context)?;
-                    }
-                    _ => {
-                        let file = fs_err::File::open(&full)?;
-                        builder.add_file(&path, entry, file).with_context(context)?;
-                    }
-                }
-                if meta.nlink() > 1 {
-                    inodes.insert(key, path);
-                }
-            } else if file_type.is_symlink() {
-                let mut entry = entry_from_metadata(&full, &meta, EntryKind::Symlink)?;
-                let target = fs_err::read_link(&full)?;
-                let Some(target) = target.to_str() else {
-                    bail!("{}: symlink target is not valid UTF-8", full.display());
-                };
-                entry.link_target = Some(checked_link(target)?);
-                builder.add(&path, entry).with_context(context)?;
-            } else {
-                let kind = if file_type.is_char_device() {
-                    EntryKind::CharDevice
-                } else if file_type.is_block_device() {
-                    EntryKind::BlockDevice
-                } else if file_type.is_fifo() {
-                    EntryKind::Fifo
-                } else {
-                    EntryKind::Socket
-                };
-                let mut entry = entry_from_metadata(&full, &meta, kind)?;
-                if matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice) {
-                    let rdev = meta.rdev();
-                    entry.device = Some((rustix::fs::major(rdev), rustix::fs::minor(rdev)));
-                }
-                builder.add(&path, entry).with_context(context)?;
             }
         }
     }
     Ok(builder.finish("directory"))
+}
+
+/// Apply the upper layer of an overlay mounted over `base` (materialized) to `base`: its
+/// whiteouts (character devices 0:0) remove entries, its opaque directories (xattr
+/// `trusted.overlay.opaque`) replace theirs, everything else is added or replaces the entry
+/// at its path. overlayfs' own xattrs are not part of the result. `upper` is scratch space
+/// the caller discards: content is moved into the store. The root keeps `base`'s metadata.
+pub fn apply_overlay_upper(
+    base: Tree,
+    upper: &Path,
+    staging: &mut Staging,
+    limits: Limits,
+) -> anyhow::Result<Imported> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let mut builder = Builder::new(staging, limits);
+    builder.tree = base;
+    let mut walk = DiskWalk {
+        root: upper,
+        known: None,
+        scratch: true,
+        overlay: true,
+        inodes: HashMap::new(),
+    };
+    let mut stack: Vec<PathBuf> = vec![upper.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for (full, path, meta) in walk.children(&dir)? {
+            let file_type = meta.file_type();
+            if file_type.is_char_device() && meta.rdev() == 0 {
+                builder.tree.remove(&path);
+                continue;
+            }
+            let existing = builder.tree.get(&path).map(|e| e.kind);
+            if file_type.is_dir() {
+                if existing.is_some_and(|kind| kind != EntryKind::Dir) {
+                    builder.tree.remove(&path);
+                }
+                if is_opaque(&full)? {
+                    builder.tree.clear_dir(&path);
+                }
+            } else if existing == Some(EntryKind::Dir) {
+                builder.tree.remove(&path);
+            }
+            if walk.add(&mut builder, &full, &path, &meta)? {
+                stack.push(full);
+            }
+        }
+    }
+    Ok(builder.finish("overlay"))
+}
+
+fn is_opaque(dir: &Path) -> anyhow::Result<bool> {
+    let mut value = [0u8; 8];
+    match rustix::fs::lgetxattr(dir, "trusted.overlay.opaque", &mut value) {
+        Ok(n) => Ok(&value[..n] == b"y"),
+        Err(rustix::io::Errno::NODATA | rustix::io::Errno::OPNOTSUPP) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("reading xattrs of {}", dir.display())),
+    }
+}
+
+/// Walks a directory on disk into a [`Builder`]: lstat metadata, symlinks not followed, hard
+/// links detected by inode, xattrs read where the filesystem has them.
+struct DiskWalk<'a> {
+    root: &'a Path,
+    known: Option<&'a KnownContent>,
+    scratch: bool,
+    /// The directory is an overlay's upper layer: leave out overlayfs' xattrs.
+    overlay: bool,
+    inodes: HashMap<(u64, u64), String>,
+}
+
+impl DiskWalk<'_> {
+    /// The children of `dir` in name order, with their tree paths and metadata.
+    fn children(&self, dir: &Path) -> anyhow::Result<Vec<(PathBuf, String, std::fs::Metadata)>> {
+        let mut children: Vec<_> = fs_err::read_dir(dir)?.collect::<Result<_, _>>()?;
+        children.sort_by_key(|c| c.file_name());
+        children
+            .into_iter()
+            .map(|child| {
+                let full = child.path();
+                let relative = full.strip_prefix(self.root).unwrap_or(&full);
+                let Some(relative) = relative.to_str() else {
+                    bail!("{} has a name that is not valid UTF-8", full.display());
+                };
+                let path = normalize_path(relative)?;
+                let meta = fs_err::symlink_metadata(&full)?;
+                Ok((full, path, meta))
+            })
+            .collect()
+    }
+
+    fn entry(
+        &self,
+        full: &Path,
+        meta: &std::fs::Metadata,
+        kind: EntryKind,
+    ) -> anyhow::Result<Entry> {
+        let mut entry = entry_from_metadata(full, meta, kind)?;
+        if self.overlay {
+            entry
+                .xattrs
+                .retain(|name, _| !name.starts_with("trusted.overlay."));
+        }
+        Ok(entry)
+    }
+
+    /// Add one entry; true when it is a directory to descend into.
+    fn add(
+        &mut self,
+        builder: &mut Builder<'_>,
+        full: &Path,
+        path: &str,
+        meta: &std::fs::Metadata,
+    ) -> anyhow::Result<bool> {
+        use std::os::unix::fs::FileTypeExt as _;
+        let file_type = meta.file_type();
+        let context = || format!("importing {}", full.display());
+        if file_type.is_dir() {
+            builder
+                .add(path, self.entry(full, meta, EntryKind::Dir)?)
+                .with_context(context)?;
+            return Ok(true);
+        }
+        if file_type.is_file() {
+            let key = (meta.dev(), meta.ino());
+            if meta.nlink() > 1
+                && let Some(first) = self.inodes.get(&key)
+            {
+                let mut entry = self.entry(full, meta, EntryKind::Hardlink)?;
+                entry.link_target = Some(first.clone());
+                builder.add(path, entry).with_context(context)?;
+                return Ok(false);
+            }
+            let mut entry = self.entry(full, meta, EntryKind::File)?;
+            match self.known.and_then(|k| k.digest_of(meta)) {
+                Some(digest) if path != STATUS_PATH => {
+                    entry.size = meta.len();
+                    entry.digest = Some(digest.to_owned());
+                    builder.add(path, entry).with_context(context)?;
+                }
+                // Hard-linked files stay: their other names are imported later.
+                _ if self.scratch && path != STATUS_PATH && meta.nlink() == 1 => {
+                    builder
+                        .adopt_file(path, entry, full)
+                        .with_context(context)?;
+                }
+                _ => {
+                    let file = fs_err::File::open(full)?;
+                    builder.add_file(path, entry, file).with_context(context)?;
+                }
+            }
+            if meta.nlink() > 1 {
+                self.inodes.insert(key, path.to_owned());
+            }
+        } else if file_type.is_symlink() {
+            let mut entry = self.entry(full, meta, EntryKind::Symlink)?;
+            let target = fs_err::read_link(full)?;
+            let Some(target) = target.to_str() else {
+                bail!("{}: symlink target is not valid UTF-8", full.display());
+            };
+            entry.link_target = Some(checked_link(target)?);
+            builder.add(path, entry).with_context(context)?;
+        } else {
+            let kind = if file_type.is_char_device() {
+                EntryKind::CharDevice
+            } else if file_type.is_block_device() {
+                EntryKind::BlockDevice
+            } else if file_type.is_fifo() {
+                EntryKind::Fifo
+            } else {
+                EntryKind::Socket
+            };
+            let mut entry = self.entry(full, meta, kind)?;
+            if matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice) {
+                let rdev = meta.rdev();
+                entry.device = Some((rustix::fs::major(rdev), rustix::fs::minor(rdev)));
+            }
+            builder.add(path, entry).with_context(context)?;
+        }
+        Ok(false)
+    }
 }
 
 fn entry_from_metadata(

@@ -10,6 +10,9 @@
 //!   objects/ab/cdef…    file contents named by SHA-256, stored once, read-only
 //!   staging/<id>/       objects of imports in progress (gc removes those of dead processes)
 //!   quarantine/         objects that failed verification (`fsck --repair`)
+//!   cache/trees/<digest>/  materialized image trees the package step overlays (see
+//!                       `materialized`), with `<digest>.lock` held shared while in use
+//!   cache/debs/, cache/apt-lists/  downloaded packages and package lists, reused
 //!   catalog.lock        flock: shared to read the catalog, exclusive to change it
 //!   gc.lock             flock: shared while an import runs, exclusive for gc
 //! ```
@@ -21,6 +24,7 @@
 pub mod catalog;
 pub mod export;
 pub mod import;
+pub mod materialized;
 pub mod objects;
 pub mod tar_reader;
 pub mod tree;
@@ -171,6 +175,7 @@ pub struct GcReport {
     pub removed_objects: usize,
     pub removed_bytes: u64,
     pub removed_staging: usize,
+    pub removed_cached_trees: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -728,6 +733,8 @@ impl Store {
             fs_err::remove_dir_all(staging?.path())?;
             report.removed_staging += 1;
         }
+        let live_trees = self.list()?.into_iter().map(|i| i.tree_digest).collect();
+        report.removed_cached_trees = self.prune_materialized(&live_trees)?;
         Ok(report)
     }
 

@@ -1,0 +1,215 @@
+//! Materialized trees: an image's tree written out as a directory in the store's cache, kept
+//! for the next package step that starts from the same image. The package step overlays it
+//! (never writes it), so one copy serves every build from that image and the base is not
+//! copied again for each one.
+//!
+//! Each copy is `cache/trees/<tree digest>/`, written under a temporary name and renamed
+//! when complete, so a copy that exists is whole. Users hold `<digest>.lock` shared while
+//! the copy is in use; eviction takes it exclusively without waiting, so a copy in use is
+//! never removed. The least recently used copies beyond [`KEEP`] are evicted whenever a new
+//! one is written; `gc` removes those of trees no image has any more and any partial ones.
+
+use std::path::{Path, PathBuf};
+
+use super::tree::Tree;
+use super::{LockGuard, Store, lock, open_lock_file};
+
+/// Materialized trees kept in the cache (a Debian base is about 150 MB).
+pub const KEEP: usize = 2;
+
+const PARTIAL_PREFIX: &str = ".partial-";
+
+/// A materialized tree in use: it stays in the cache until this is dropped.
+#[derive(Debug)]
+pub struct MaterializedTree {
+    path: PathBuf,
+    _in_use: LockGuard,
+    /// Whether this call wrote it (it was not cached).
+    pub written: bool,
+}
+
+impl MaterializedTree {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Store {
+    fn trees_dir(&self) -> PathBuf {
+        self.root().join("cache/trees")
+    }
+
+    /// The tree with digest `digest`, materialized in the cache (written now if it is not).
+    pub fn materialized(&self, tree: &Tree, digest: &str) -> anyhow::Result<MaterializedTree> {
+        anyhow::ensure!(
+            digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "not a tree digest: {digest}"
+        );
+        let dir = self.trees_dir();
+        fs_err::create_dir_all(&dir)?;
+        let lock_path = dir.join(format!("{digest}.lock"));
+        let in_use = lock(&lock_path, false)?;
+        // The lock file's mtime is the copy's last use, for eviction.
+        open_lock_file(&lock_path)?.set_modified(std::time::SystemTime::now())?;
+        let path = dir.join(digest);
+        if path.is_dir() {
+            return Ok(MaterializedTree {
+                path,
+                _in_use: in_use,
+                written: false,
+            });
+        }
+        let partial = dir.join(format!("{PARTIAL_PREFIX}{digest}-{}", std::process::id()));
+        if partial.exists() {
+            fs_err::remove_dir_all(&partial)?;
+        }
+        let written = super::export::export_directory(tree, &self.objects(), &partial)
+            .and_then(|_| Ok(fs_err::rename(&partial, &path)?));
+        if let Err(error) = written {
+            std::fs::remove_dir_all(&partial).ok();
+            // Another build may have put the same copy in place first.
+            if !path.is_dir() {
+                return Err(error);
+            }
+        }
+        self.evict_materialized(KEEP)?;
+        Ok(MaterializedTree {
+            path,
+            _in_use: in_use,
+            written: true,
+        })
+    }
+
+    /// Remove the least recently used copies beyond `keep`, those not in use.
+    fn evict_materialized(&self, keep: usize) -> anyhow::Result<usize> {
+        let mut copies: Vec<(std::time::SystemTime, String)> = self
+            .materialized_digests()?
+            .into_iter()
+            .map(|digest| {
+                let used = fs_err::metadata(self.trees_dir().join(format!("{digest}.lock")))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                (used, digest)
+            })
+            .collect();
+        copies.sort_by(|a, b| b.cmp(a));
+        let mut removed = 0;
+        for (_, digest) in copies.into_iter().skip(keep) {
+            removed += usize::from(self.remove_materialized(&digest)?);
+        }
+        Ok(removed)
+    }
+
+    fn materialized_digests(&self) -> anyhow::Result<Vec<String>> {
+        let mut digests = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.trees_dir()) else {
+            return Ok(digests);
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_dir() && !name.starts_with('.') {
+                digests.push(name);
+            }
+        }
+        Ok(digests)
+    }
+
+    /// Remove one copy unless a build is using it; true when removed.
+    fn remove_materialized(&self, digest: &str) -> anyhow::Result<bool> {
+        let lock_file = open_lock_file(&self.trees_dir().join(format!("{digest}.lock")))?;
+        match lock_file.try_lock() {
+            Ok(()) => {
+                fs_err::remove_dir_all(self.trees_dir().join(digest))?;
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(error)) => Err(error.into()),
+        }
+    }
+
+    /// For `gc` (no build runs): remove partial copies and copies of trees no image has.
+    pub(super) fn prune_materialized(
+        &self,
+        live_trees: &std::collections::BTreeSet<String>,
+    ) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        if let Ok(entries) = std::fs::read_dir(self.trees_dir()) {
+            for entry in entries {
+                let entry = entry?;
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(PARTIAL_PREFIX)
+                {
+                    fs_err::remove_dir_all(entry.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        for digest in self.materialized_digests()? {
+            if !live_trees.contains(&digest) {
+                removed += usize::from(self.remove_materialized(&digest)?);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::import::{Limits, import_directory};
+
+    fn stored_tree(store: &Store, content: &str) -> (Tree, String) {
+        let source = tempfile::tempdir().expect("temp dir");
+        fs_err::create_dir_all(source.path().join("etc")).expect("mkdir");
+        fs_err::write(source.path().join("etc/name"), content).expect("write");
+        let mut staging = store.staging().expect("staging");
+        let tree = import_directory(source.path(), &mut staging, Limits::default())
+            .expect("import")
+            .tree;
+        staging.commit().expect("commit");
+        let digest = tree.digest();
+        (tree, digest)
+    }
+
+    #[test]
+    fn copies_are_reused_and_evicted_least_recently_used_first_but_never_while_in_use() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let trees: Vec<(Tree, String)> = ["one", "two", "three", "four"]
+            .iter()
+            .map(|content| stored_tree(&store, content))
+            .collect();
+        let materialize = |i: usize| store.materialized(&trees[i].0, &trees[i].1).expect("copy");
+
+        let first = materialize(0);
+        assert!(first.written);
+        assert_eq!(
+            fs_err::read_to_string(first.path().join("etc/name")).expect("read"),
+            "one"
+        );
+        let first_path = first.path().to_path_buf();
+        drop(materialize(1));
+        // Three copies, two kept: the least recently used one is in use and stays.
+        let third = materialize(2);
+        assert!(first_path.is_dir());
+        drop(first);
+        drop(third);
+        drop(materialize(3));
+        let kept: Vec<bool> = trees
+            .iter()
+            .map(|(_, digest)| store.trees_dir().join(digest).is_dir())
+            .collect();
+        assert_eq!(kept, [false, false, true, true]);
+        let again = materialize(2);
+        assert!(!again.written, "a cached copy is reused");
+        drop(again);
+
+        // No image has these trees: gc removes the copies.
+        let report = store.gc().expect("gc");
+        assert_eq!(report.removed_cached_trees, 2);
+        assert!(store.materialized_digests().expect("list").is_empty());
+    }
+}
