@@ -397,7 +397,17 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
         "appliance \"one\" {\n    base \"debian/bookworm\"\n    packages \"nginx\"\n}\n\
          appliance \"two\" {\n    base \"debian/bookworm\"\n    packages \"nginx\" \"curl\"\n}\n",
     );
-    env.ok(&closest, &["build"]);
+    // Too little memory for apt's changes: the package step runs again with them on disk.
+    let cramped = env.ok_with(
+        &closest,
+        &["build", "-v"],
+        &[("CARGO_APPLIANCE_OVERLAY_MEMORY", "4000000")],
+    );
+    assert!(
+        cramped.contains("apt filled the memory set aside for its changes"),
+        "{cramped}"
+    );
+    assert!(cramped.contains("changes on disk)"), "{cramped}");
     std::fs::write(
         closest.join("appliance.kdl"),
         "appliance \"three\" {\n    base \"debian/bookworm\"\n    packages \"nginx\" \"curl\" \"git\"\n}\n",

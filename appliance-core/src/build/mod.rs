@@ -705,6 +705,8 @@ impl Context<'_> {
         let root = work.dir().join("root");
         let result = (|| -> Result<ImageRecord, BuildError> {
             crate::store::export::export_directory(&tree, &store.objects(), &root)?;
+            // Files the scripts leave alone are not read and hashed again.
+            let known = crate::store::import::KnownContent::record(&root, &tree)?;
             let sandbox = crate::packages::apt::Sandbox::prepare(&root)?;
             for (index, (span, script)) in scripts.iter().enumerate() {
                 // /tmp is a fresh tmpfs inside the sandbox: the script waits in the root.
@@ -737,11 +739,15 @@ impl Context<'_> {
             }
             sandbox.finish()?;
             let mut import_staging = store.staging()?;
-            let imported = crate::store::import::import_directory(
+            let imported = crate::store::import::import_directory_with(
                 &root,
                 &mut import_staging,
                 crate::store::import::Limits::default(),
+                Some(&known),
+                true,
             )?;
+            // Dropped before the commit's sync, which would otherwise flush its pages.
+            fs_err::remove_dir_all(&root)?;
             Ok(store.commit_tree(
                 new,
                 &imported.tree,

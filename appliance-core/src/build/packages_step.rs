@@ -9,7 +9,7 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 use crate::packages::apt::{self, AptCache, AptRequest, Sandbox, UnknownPackage};
-use crate::packages::overlay::{self, Overlay};
+use crate::packages::overlay::{self, Overlay, UpperLayer};
 use crate::store::materialized::MaterializedTree;
 use crate::store::tree::{Tree, hex};
 use crate::store::{ImageRecord, NewTree, Store};
@@ -191,6 +191,7 @@ pub const NO_OVERLAY_ENV: &str = "CARGO_APPLIANCE_NO_OVERLAY";
 enum WorkRoot {
     Overlay {
         overlay: Overlay,
+        upper_layer: UpperLayer,
         _lower: MaterializedTree,
     },
     Copy {
@@ -199,26 +200,70 @@ enum WorkRoot {
     },
 }
 
+/// The in-memory upper layer may take half the memory available now; with less than this
+/// available, apt writes to disk.
+const MIN_MEMORY_FOR_UPPER: u64 = 512 << 20;
+
+/// An in-memory upper layer with less than this left was the reason apt failed.
+const FULL_UPPER: u64 = 16 << 20;
+
+/// Bytes of memory for apt's changes (0: on disk), instead of half the memory available.
+pub const OVERLAY_MEMORY_ENV: &str = "CARGO_APPLIANCE_OVERLAY_MEMORY";
+
+fn upper_layer_for_this_machine() -> UpperLayer {
+    if let Some(bytes) = std::env::var(OVERLAY_MEMORY_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return if bytes == 0 {
+            UpperLayer::OnDisk
+        } else {
+            UpperLayer::InMemory(bytes)
+        };
+    }
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib.saturating_mul(1024));
+    if available / 2 >= MIN_MEMORY_FOR_UPPER {
+        UpperLayer::InMemory(available / 2)
+    } else {
+        UpperLayer::OnDisk
+    }
+}
+
 impl WorkRoot {
     fn new(
         exec: &Execution<'_>,
         start: &ImageRecord,
         tree: &Tree,
         scratch: &std::path::Path,
+        upper_layer: UpperLayer,
     ) -> anyhow::Result<Self> {
         let store = exec.store;
+        fs_err::create_dir_all(scratch)?;
         let refused = std::env::var_os(NO_OVERLAY_ENV).is_some_and(|v| !v.is_empty() && v != "0");
         if !refused && overlay::can_overlay(tree) {
             let lower = store.materialized(tree, &start.tree_digest)?;
-            match Overlay::mount(lower.path(), &scratch.join("overlay")) {
+            match Overlay::mount(lower.path(), &scratch.join("overlay"), upper_layer) {
                 Ok(overlay) => {
                     exec.reporter.explain(&format!(
-                        "working on an overlay of {} ({} materialized copy)",
+                        "working on an overlay of {} ({} materialized copy; changes {})",
                         start.reference(),
-                        if lower.written { "a new" } else { "the cached" }
+                        if lower.written { "a new" } else { "the cached" },
+                        match upper_layer {
+                            UpperLayer::OnDisk => "on disk".to_owned(),
+                            UpperLayer::InMemory(bytes) =>
+                                format!("in memory, up to {} MiB", bytes >> 20),
+                        }
                     ));
                     return Ok(WorkRoot::Overlay {
                         overlay,
+                        upper_layer,
                         _lower: lower,
                     });
                 }
@@ -242,6 +287,20 @@ impl WorkRoot {
         }
     }
 
+    /// Whether the changes were kept in memory and filled the space they had.
+    fn upper_layer_full(&self) -> bool {
+        match self {
+            WorkRoot::Overlay {
+                overlay,
+                upper_layer: UpperLayer::InMemory(_),
+                ..
+            } => overlay
+                .upper_free_bytes()
+                .is_some_and(|free| free < FULL_UPPER),
+            _ => false,
+        }
+    }
+
     /// The start tree with apt's changes, its new content staged.
     fn import(
         self,
@@ -250,9 +309,15 @@ impl WorkRoot {
     ) -> anyhow::Result<crate::store::import::Imported> {
         let limits = crate::store::import::Limits::default();
         match self {
-            WorkRoot::Overlay { overlay, _lower } => {
-                let upper = overlay.unmount()?;
-                crate::store::import::apply_overlay_upper(tree, &upper, staging, limits)
+            WorkRoot::Overlay { overlay, .. } => {
+                let unmounted = overlay.unmount()?;
+                crate::store::import::apply_overlay_upper(
+                    tree,
+                    &unmounted.upper(),
+                    staging,
+                    limits,
+                    unmounted.on_disk(),
+                )
             }
             WorkRoot::Copy { root, known } => {
                 let imported = crate::store::import::import_directory_with(
@@ -283,25 +348,7 @@ pub fn execute(
     let store = exec.store;
     let staging = store.staging()?;
     let result = (|| -> anyhow::Result<ImageRecord> {
-        let phase = std::time::Instant::now();
-        let spinner = exec
-            .reporter
-            .spinner(&format!("preparing {}", start.reference()));
         let tree = store.tree(start)?;
-        let work = WorkRoot::new(exec, start, &tree, staging.dir());
-        spinner.finish_and_clear();
-        let work = work?;
-        exec.reporter.explain(&format!(
-            "prepared {} for apt in {:.2}s",
-            start.reference(),
-            phase.elapsed().as_secs_f64()
-        ));
-        let phase = std::time::Instant::now();
-        let sandbox = work.sandbox()?;
-        let cache = AptCache {
-            debs: store.root().join("cache/debs"),
-            lists: store.root().join("cache/apt-lists"),
-        };
         let request = AptRequest {
             install: install
                 .iter()
@@ -314,26 +361,24 @@ pub fn execute(
             recommends: wish.recommends,
             offline: exec.offline,
         };
-        let spinner = exec.reporter.spinner("apt");
-        let outcome = apt::install(&sandbox, &cache, staging.dir(), &request, |what| {
-            spinner.set_message(what.to_owned())
-        });
-        spinner.finish_and_clear();
-        match outcome {
-            Ok(Ok(_log)) => {}
-            Ok(Err(unknown)) => return Err(PackageFailure::Unknown(unknown).into()),
-            Err(error) => {
-                return Err(match error.downcast::<apt::SandboxFailure>() {
-                    Ok(failure) => PackageFailure::Apt(failure).into(),
-                    Err(other) => other,
-                });
+        let mut upper_layer = upper_layer_for_this_machine();
+        let mut attempt = 0;
+        let work = loop {
+            attempt += 1;
+            let scratch = staging.dir().join(format!("attempt-{attempt}"));
+            let work = prepare(exec, start, &tree, &scratch, upper_layer)?;
+            match run_apt(exec, &work, &scratch, &request) {
+                Ok(()) => break work,
+                Err(_) if upper_layer != UpperLayer::OnDisk && work.upper_layer_full() => {
+                    exec.reporter.explain(
+                        "apt filled the memory set aside for its changes; running it again with \
+                         the changes on disk",
+                    );
+                    upper_layer = UpperLayer::OnDisk;
+                }
+                Err(error) => return Err(error),
             }
-        }
-        sandbox.finish()?;
-        exec.reporter.explain(&format!(
-            "apt finished in {:.2}s",
-            phase.elapsed().as_secs_f64()
-        ));
+        };
         let phase = std::time::Instant::now();
         let spinner = exec.reporter.spinner("storing the package image");
         let mut import_staging = store.staging()?;
@@ -370,6 +415,64 @@ pub fn execute(
     })();
     staging.discard();
     result
+}
+
+fn prepare(
+    exec: &Execution<'_>,
+    start: &ImageRecord,
+    tree: &Tree,
+    scratch: &std::path::Path,
+    upper_layer: UpperLayer,
+) -> anyhow::Result<WorkRoot> {
+    let phase = std::time::Instant::now();
+    let spinner = exec
+        .reporter
+        .spinner(&format!("preparing {}", start.reference()));
+    let work = WorkRoot::new(exec, start, tree, scratch, upper_layer);
+    spinner.finish_and_clear();
+    let work = work?;
+    exec.reporter.explain(&format!(
+        "prepared {} for apt in {:.2}s",
+        start.reference(),
+        phase.elapsed().as_secs_f64()
+    ));
+    Ok(work)
+}
+
+/// apt in the sandbox on `work`; failures the manifest can point at are [`PackageFailure`]s.
+fn run_apt(
+    exec: &Execution<'_>,
+    work: &WorkRoot,
+    scratch: &std::path::Path,
+    request: &AptRequest,
+) -> anyhow::Result<()> {
+    let phase = std::time::Instant::now();
+    let sandbox = work.sandbox()?;
+    let cache = AptCache {
+        debs: exec.store.root().join("cache/debs"),
+        lists: exec.store.root().join("cache/apt-lists"),
+    };
+    let spinner = exec.reporter.spinner("apt");
+    let outcome = apt::install(&sandbox, &cache, scratch, request, |what| {
+        spinner.set_message(what.to_owned())
+    });
+    spinner.finish_and_clear();
+    match outcome {
+        Ok(Ok(_log)) => {}
+        Ok(Err(unknown)) => return Err(PackageFailure::Unknown(unknown).into()),
+        Err(error) => {
+            return Err(match error.downcast::<apt::SandboxFailure>() {
+                Ok(failure) => PackageFailure::Apt(failure).into(),
+                Err(other) => other,
+            });
+        }
+    }
+    sandbox.finish()?;
+    exec.reporter.explain(&format!(
+        "apt finished in {:.2}s",
+        phase.elapsed().as_secs_f64()
+    ));
+    Ok(())
 }
 
 #[cfg(test)]

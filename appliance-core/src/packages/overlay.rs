@@ -16,10 +16,20 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-/// Mounts the overlay, says so, and holds the namespace until its stdin closes.
+/// Mounts the overlay (its layers on a tmpfs when a size is given), says so, and holds the
+/// namespace until its stdin closes. A line on stdin unmounts the overlay first, so that
+/// the upper layer can be read while the tmpfs holding it still exists.
 const HOLD_OVERLAY: &str = r#"set -eu
-mount -t overlay overlay -o "$1" "$2"
+options=$1 merged=$2 layers=$3 size=$4
+if [ -n "$size" ]; then
+    mount -t tmpfs -o "size=$size,mode=0700" tmpfs "$layers"
+fi
+mkdir -p "$layers/upper" "$layers/work"
+mount -t overlay overlay -o "$options" "$merged"
 echo mounted
+read -r _ || exit 0
+umount "$merged"
+echo unmounted
 read -r _ || true
 "#;
 
@@ -32,18 +42,54 @@ pub const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
 pub struct Overlay {
     helper: Child,
     keep_alive: Option<ChildStdin>,
+    said: Option<BufReader<std::process::ChildStdout>>,
     merged: PathBuf,
-    upper: PathBuf,
+    layers: PathBuf,
+    in_memory: bool,
+}
+
+/// Where the upper layer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpperLayer {
+    /// On the filesystem of the scratch directory: its files can be moved into the store.
+    OnDisk,
+    /// On a tmpfs of at most this many bytes: dpkg's many fsyncs cost nothing there, and
+    /// what apt writes is read back once from memory.
+    InMemory(u64),
+}
+
+/// The upper layer after [`Overlay::unmount`]: readable until this is dropped.
+#[derive(Debug)]
+pub struct Unmounted {
+    overlay: Overlay,
+}
+
+impl Unmounted {
+    /// The upper layer's directory, as this process reaches it.
+    pub fn upper(&self) -> PathBuf {
+        if self.overlay.in_memory {
+            self.overlay.reach(&self.overlay.layers.join("upper"))
+        } else {
+            self.overlay.layers.join("upper")
+        }
+    }
+
+    /// Whether the upper layer's files are on the scratch directory's filesystem (and can be
+    /// moved rather than copied).
+    pub fn on_disk(&self) -> bool {
+        !self.overlay.in_memory
+    }
 }
 
 impl Overlay {
     /// Overlay `lower` (never written) with a new upper layer under `scratch`, which must be
     /// on a filesystem that overlayfs accepts as an upper layer.
-    pub fn mount(lower: &Path, scratch: &Path) -> anyhow::Result<Self> {
-        let upper = scratch.join("upper");
-        let work = scratch.join("work");
+    pub fn mount(lower: &Path, scratch: &Path, upper_layer: UpperLayer) -> anyhow::Result<Self> {
+        let layers = scratch.join("layers");
+        let upper = layers.join("upper");
+        let work = layers.join("work");
         let merged = scratch.join("merged");
-        for dir in [&upper, &work, &merged] {
+        for dir in [&layers, &merged] {
             fs_err::create_dir_all(dir)?;
         }
         let mut options = OsString::from("lowerdir=");
@@ -61,17 +107,23 @@ impl Overlay {
             .args(["sh", "-c", HOLD_OVERLAY, "overlay"])
             .arg(&options)
             .arg(&merged)
+            .arg(&layers)
+            .arg(match upper_layer {
+                UpperLayer::OnDisk => String::new(),
+                UpperLayer::InMemory(bytes) => bytes.to_string(),
+            })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("running `unshare` (util-linux) to mount an overlay")?;
         let keep_alive = helper.stdin.take();
-        let mut said = String::new();
-        if let Some(stdout) = helper.stdout.take() {
-            BufReader::new(stdout).read_line(&mut said)?;
+        let mut said = helper.stdout.take().map(BufReader::new);
+        let mut line = String::new();
+        if let Some(said) = said.as_mut() {
+            said.read_line(&mut line)?;
         }
-        if said.trim() != "mounted" {
+        if line.trim() != "mounted" {
             let mut error = String::new();
             if let Some(mut stderr) = helper.stderr.take() {
                 stderr.read_to_string(&mut error).ok();
@@ -83,15 +135,28 @@ impl Overlay {
         Ok(Self {
             helper,
             keep_alive,
+            said,
             merged,
-            upper,
+            layers,
+            in_memory: matches!(upper_layer, UpperLayer::InMemory(_)),
         })
+    }
+
+    /// A path of the helper's namespace, as this process reaches it.
+    fn reach(&self, path: &Path) -> PathBuf {
+        let inside = path.strip_prefix("/").unwrap_or(path);
+        PathBuf::from(format!("/proc/{}/root", self.helper.id())).join(inside)
     }
 
     /// The writable view, as this process reaches it.
     pub fn view(&self) -> PathBuf {
-        let inside = self.merged.strip_prefix("/").unwrap_or(&self.merged);
-        PathBuf::from(format!("/proc/{}/root", self.helper.id())).join(inside)
+        self.reach(&self.merged)
+    }
+
+    /// Free bytes of the upper layer's filesystem (while mounted).
+    pub fn upper_free_bytes(&self) -> Option<u64> {
+        let stat = rustix::fs::statvfs(self.reach(&self.layers)).ok()?;
+        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 
     /// The view's path inside the helper's namespace.
@@ -110,22 +175,32 @@ impl Overlay {
         ]
     }
 
-    /// Unmount and return the upper layer: what changed.
-    pub fn unmount(mut self) -> anyhow::Result<PathBuf> {
-        self.stop()?;
-        Ok(self.upper.clone())
-    }
-
-    fn stop(&mut self) -> anyhow::Result<()> {
-        drop(self.keep_alive.take());
-        let status = self
-            .helper
-            .wait()
-            .context("waiting for the overlay's holder")?;
-        if !status.success() {
-            bail!("the overlay's holder exited with {status}");
+    /// Unmount the overlay; its upper layer (what changed) stays readable until the result
+    /// is dropped.
+    pub fn unmount(mut self) -> anyhow::Result<Unmounted> {
+        use std::io::Write as _;
+        let stdin = self
+            .keep_alive
+            .as_mut()
+            .context("the overlay's holder is gone")?;
+        stdin
+            .write_all(b"unmount\n")
+            .and_then(|()| stdin.flush())
+            .context("asking the overlay's holder to unmount")?;
+        let mut line = String::new();
+        if let Some(said) = self.said.as_mut() {
+            said.read_line(&mut line)?;
         }
-        Ok(())
+        if line.trim() != "unmounted" {
+            drop(self.keep_alive.take());
+            let mut error = String::new();
+            if let Some(mut stderr) = self.helper.stderr.take() {
+                stderr.read_to_string(&mut error).ok();
+            }
+            self.helper.wait().ok();
+            bail!("cannot unmount the overlay: {}", error.trim());
+        }
+        Ok(Unmounted { overlay: self })
     }
 }
 
@@ -283,44 +358,86 @@ mod tests {
         staging.commit().expect("commit");
         assert!(can_overlay(&tree));
 
-        let lower = store
-            .materialized(&tree, &tree.digest())
-            .expect("materialize");
-        assert!(lower.written);
-        let overlay = Overlay::mount(lower.path(), &dir.path().join("scratch")).expect("mount");
-        change(&overlay.view());
-        let upper = overlay.unmount().expect("unmount");
-        let mut staging = store.staging().expect("staging");
-        let applied = apply_overlay_upper(tree.clone(), &upper, &mut staging, Limits::default())
-            .expect("apply");
-
         let copy = dir.path().join("copy");
         crate::store::export::export_directory(&tree, &store.objects(), &copy).expect("export");
         change(&copy);
         let mut staging = store.staging().expect("staging");
         let expected = import_directory(&copy, &mut staging, Limits::default()).expect("import");
+        let expected = comparable(expected.tree.entries());
 
-        let (applied, expected) = (
-            comparable(applied.tree.entries()),
-            comparable(expected.tree.entries()),
-        );
-        for path in expected.keys().chain(applied.keys()) {
-            assert_eq!(applied.get(path), expected.get(path), "at {path:?}");
+        let lower = store
+            .materialized(&tree, &tree.digest())
+            .expect("materialize");
+        assert!(lower.written);
+        for (index, upper_layer) in [UpperLayer::OnDisk, UpperLayer::InMemory(64 << 20)]
+            .into_iter()
+            .enumerate()
+        {
+            let scratch = dir.path().join(format!("scratch-{index}"));
+            let overlay = Overlay::mount(lower.path(), &scratch, upper_layer).expect("mount");
+            change(&overlay.view());
+            let unmounted = overlay.unmount().expect("unmount");
+            assert_eq!(unmounted.on_disk(), upper_layer == UpperLayer::OnDisk);
+            let mut staging = store.staging().expect("staging");
+            let applied = apply_overlay_upper(
+                tree.clone(),
+                &unmounted.upper(),
+                &mut staging,
+                Limits::default(),
+                unmounted.on_disk(),
+            )
+            .expect("apply");
+            drop(unmounted);
+            let applied = comparable(applied.tree.entries());
+            for path in expected.keys().chain(applied.keys()) {
+                assert_eq!(
+                    applied.get(path),
+                    expected.get(path),
+                    "at {path:?}, upper layer {upper_layer:?}"
+                );
+            }
+            // The cases the comparison must have seen.
+            assert_eq!(applied["etc/kept-link"].0.kind, EntryKind::Hardlink);
+            assert_eq!(applied["etc/links/a"].0.kind, EntryKind::File);
+            assert_eq!(applied["etc/kept"].0.xattrs["user.origin"], b"base");
+            assert!(applied["etc/kept"].1, "a copied-up file keeps its mtime");
+            assert!(!applied.contains_key("usr/share/doc/pkg/x"));
+            assert!(applied.contains_key("usr/share/doc/other/z"));
+            assert_eq!(applied["var/file-to-dir"].0.kind, EntryKind::Dir);
+            assert!(!applied.keys().any(|p| p.starts_with("opt/gone")));
+            assert!(
+                applied
+                    .values()
+                    .all(|(e, _)| !e.xattrs.keys().any(|k| k.starts_with(OVERLAY_XATTR_PREFIX)))
+            );
         }
-        // The cases the comparison must have seen.
-        assert_eq!(applied["etc/kept-link"].0.kind, EntryKind::Hardlink);
-        assert_eq!(applied["etc/links/a"].0.kind, EntryKind::File);
-        assert_eq!(applied["etc/kept"].0.xattrs["user.origin"], b"base");
-        assert!(applied["etc/kept"].1, "a copied-up file keeps its mtime");
-        assert!(!applied.contains_key("usr/share/doc/pkg/x"));
-        assert!(applied.contains_key("usr/share/doc/other/z"));
-        assert_eq!(applied["var/file-to-dir"].0.kind, EntryKind::Dir);
-        assert!(!applied.keys().any(|p| p.starts_with("opt/gone")));
-        assert!(
-            applied
-                .values()
-                .all(|(e, _)| !e.xattrs.keys().any(|k| k.starts_with(OVERLAY_XATTR_PREFIX)))
+        // The in-memory upper layer went with its namespace.
+        let layers = dir.path().join("scratch-1/layers");
+        assert_eq!(fs_err::read_dir(&layers).expect("layers").count(), 0);
+    }
+
+    #[test]
+    fn an_overlay_whose_tmpfs_fills_up_says_how_much_is_left() {
+        assert!(rustix::process::geteuid().is_root(), "needs root");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lower = dir.path().join("lower");
+        fs_err::create_dir_all(&lower).expect("mkdir");
+        let overlay = Overlay::mount(
+            &lower,
+            &dir.path().join("scratch"),
+            UpperLayer::InMemory(1 << 20),
+        )
+        .expect("mount");
+        let free = overlay.upper_free_bytes().expect("statvfs");
+        assert!(free <= 1 << 20 && free > 0, "{free}");
+        let too_big = vec![0u8; 2 << 20];
+        let error = std::fs::write(overlay.view().join("big"), &too_big).expect_err("full");
+        assert_eq!(
+            error.raw_os_error(),
+            Some(rustix::io::Errno::NOSPC.raw_os_error()),
+            "{error}"
         );
+        assert!(overlay.upper_free_bytes().expect("statvfs") < 64 << 10);
     }
 
     #[test]

@@ -443,13 +443,15 @@ pub fn import_directory_with(
 /// Apply the upper layer of an overlay mounted over `base` (materialized) to `base`: its
 /// whiteouts (character devices 0:0) remove entries, its opaque directories (xattr
 /// `trusted.overlay.opaque`) replace theirs, everything else is added or replaces the entry
-/// at its path. overlayfs' own xattrs are not part of the result. `upper` is scratch space
-/// the caller discards: content is moved into the store. The root keeps `base`'s metadata.
+/// at its path. overlayfs' own xattrs are not part of the result. The root keeps `base`'s
+/// metadata. With `scratch`, `upper` is on the store's filesystem and discarded by the
+/// caller: content is moved into the store rather than copied.
 pub fn apply_overlay_upper(
     base: Tree,
     upper: &Path,
     staging: &mut Staging,
     limits: Limits,
+    scratch: bool,
 ) -> anyhow::Result<Imported> {
     use std::os::unix::fs::FileTypeExt as _;
     let mut builder = Builder::new(staging, limits);
@@ -457,7 +459,7 @@ pub fn apply_overlay_upper(
     let mut walk = DiskWalk {
         root: upper,
         known: None,
-        scratch: true,
+        scratch,
         overlay: true,
         inodes: HashMap::new(),
     };

@@ -194,7 +194,6 @@ impl Staging {
             .map(|(_, path)| path.as_path())
     }
 
-    /// Drop what was staged (the work failed); `gc` would remove it too.
     /// Stage the content of a file in a scratch directory on the store's filesystem by
     /// moving it rather than copying it (the caller discards the directory afterwards).
     pub fn adopt(&mut self, file: &Path) -> anyhow::Result<(String, u64)> {
@@ -214,6 +213,7 @@ impl Staging {
         Ok((digest, size))
     }
 
+    /// Drop what was staged (the work failed); `gc` would remove it too.
     pub fn discard(self) {
         let _ = fs_err::remove_dir_all(&self.dir);
     }
