@@ -363,6 +363,14 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 for image in &report.images_needing_repair {
                     println!("image {image} needs repair");
                 }
+                for damage in &report.damaged_cached_trees {
+                    let action = if args.repair {
+                        "removed"
+                    } else {
+                        "remove it with --repair"
+                    };
+                    println!("cached materialized tree {damage} ({action})");
+                }
                 if report.unreferenced_objects > 0 {
                     println!(
                         "{} unreferenced (run `cargo appliance gc`)",

@@ -269,8 +269,10 @@ pub fn write(
     let mut parent_digest = String::new();
     for image in chain {
         let tree = store.tree(image)?;
+        // v2: gzip by zlib-rs (other bytes than v1's miniz_oxide for the same layer; a cached
+        // v1 layer would make the output depend on what the cache held).
         let key = hex(&Sha256::digest(
-            format!("layer v1 {parent_digest} {} {epoch:?}", image.tree_digest).as_bytes(),
+            format!("layer v2 {parent_digest} {} {epoch:?}", image.tree_digest).as_bytes(),
         ));
         let layer_tree = layer_tree(parent_tree.as_ref(), &tree);
         let layer = cache

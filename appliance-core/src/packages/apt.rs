@@ -334,7 +334,10 @@ pub fn install(
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age < LISTS_MAX_AGE);
     let mut log = String::new();
-    let source_cache = root.join("var/cache/apt/srcpkgcache.bin");
+    // Written and removed from here, not from inside the sandbox: a symlink there must not
+    // lead those writes out of the image.
+    let apt_cache_dir = real_dir(root, "var/cache/apt")?;
+    let source_cache = apt_cache_dir.join("srcpkgcache.bin");
     let cached_source_cache = cached_lists.join(SOURCE_CACHE);
     let lists_from_cache = cached_lists.is_dir() && (fresh || request.offline);
     if lists_from_cache {
@@ -344,6 +347,7 @@ pub fn install(
         // apt's parsed form of the lists, valid while they are the same files: saves apt
         // parsing tens of MiB of indexes on every run.
         if cached_source_cache.is_file() {
+            remove_unless_regular_file(&source_cache)?;
             fs_err::copy(&cached_source_cache, &source_cache)?;
         }
     } else if request.offline {
@@ -411,18 +415,34 @@ pub fn install(
     // Keep what was downloaded even when the install failed: the next try reuses it.
     save_debs(&archives, &cache.debs)?;
     log += &ran?.output;
+    let apt_cache_dir = real_dir(root, "var/cache/apt")?;
+    remove_unless_regular_file(&source_cache)?;
     if lists_from_cache && !cached_source_cache.exists() && source_cache.is_file() {
         let temp = cached_lists.join(format!(".{SOURCE_CACHE}.{}", std::process::id()));
         fs_err::copy(&source_cache, &temp)?;
         fs_err::rename(&temp, &cached_source_cache)?;
     }
     for generated in ["pkgcache.bin", "srcpkgcache.bin"] {
-        let path = root.join("var/cache/apt").join(generated);
-        if path.exists() {
+        let path = apt_cache_dir.join(generated);
+        if fs_err::symlink_metadata(&path).is_ok() {
             fs_err::remove_file(path)?;
         }
     }
     Ok(Ok(log))
+}
+
+/// Remove `path` if it is anything but a regular file (a symlink is removed, not followed).
+fn remove_unless_regular_file(path: &Path) -> anyhow::Result<()> {
+    match fs_err::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() => {
+            if meta.is_dir() {
+                bail!("{} is a directory", path.display());
+            }
+            fs_err::remove_file(path)?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// A digest of the image's apt sources: package lists are cached per set of sources.
@@ -557,4 +577,43 @@ fn copy_dir_files(from: &Path, to: &Path, link: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_dir_creates_what_is_missing_and_refuses_symlinks_out_of_the_image() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        fs_err::create_dir_all(root.join("var")).expect("mkdir");
+        fs_err::create_dir_all(&outside).expect("mkdir");
+        let made = real_dir(&root, "var/cache/apt").expect("created");
+        assert!(made.is_dir() && made.starts_with(&root));
+
+        // An absolute symlink would lead writes and mounts onto the host.
+        std::os::unix::fs::symlink(&outside, root.join("usr")).expect("symlink");
+        let error = real_dir(&root, "usr/sbin").expect_err("symlinked /usr");
+        assert!(error.to_string().contains("/usr/sbin"), "{error}");
+        assert!(!outside.join("sbin").exists(), "nothing created outside");
+        fs_err::write(root.join("etc"), "a file").expect("write");
+        assert!(real_dir(&root, "etc").is_err());
+    }
+
+    #[test]
+    fn a_symlinked_source_cache_is_removed_not_followed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outside = dir.path().join("host-file");
+        fs_err::write(&outside, "host").expect("write");
+        let link = dir.path().join("srcpkgcache.bin");
+        std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+        remove_unless_regular_file(&link).expect("removed");
+        assert!(fs_err::symlink_metadata(&link).is_err());
+        assert_eq!(fs_err::read_to_string(&outside).expect("read"), "host");
+        fs_err::write(&link, "regular").expect("write");
+        remove_unless_regular_file(&link).expect("kept");
+        assert!(link.is_file());
+    }
 }

@@ -1,6 +1,6 @@
 //! A writable view of a read-only tree: an overlayfs whose lower layer is a materialized
 //! image (kept in the store's cache and shared by builds) and whose upper layer is scratch
-//! space. apt writes into the view; afterwards the upper layer holds exactly what changed, and
+//! space: a tmpfs that lives in the overlay's namespace, or a directory on disk. apt writes into the view; afterwards the upper layer holds exactly what changed, and
 //! [`crate::store::import::apply_overlay_upper`] turns it into an edit of the image's tree.
 //! Nothing is copied before apt runs and only what changed is read after.
 //!

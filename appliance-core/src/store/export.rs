@@ -80,6 +80,7 @@ pub fn export(tree: &Tree, objects: &Objects, destination: &Path) -> anyhow::Res
                     3,
                 )?;
                 encoder.include_checksum(true)?;
+                encoder.multithread(compression_threads())?;
                 let report = write_tar(tree, objects, &mut encoder, epoch)?;
                 encoder.finish()?.flush()?;
                 report
@@ -97,6 +98,12 @@ pub fn export(tree: &Tree, objects: &Objects, destination: &Path) -> anyhow::Res
             Ok(report)
         }
     }
+}
+
+/// zstd workers for an archive export. With one or more workers zstd's output is the same
+/// whatever their number, so archives stay reproducible across machines.
+fn compression_threads() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
 }
 
 /// Write the tree as a tar stream.
@@ -416,4 +423,39 @@ fn set_metadata(
     rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode & 0o7777))?;
     rustix::fs::futimens(fd, &timestamps(entry.mtime))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    /// What [`compression_threads`] relies on for reproducible archives.
+    #[test]
+    fn zstd_output_does_not_depend_on_the_number_of_workers() {
+        // Compressible but not trivial, and several of zstd's jobs long.
+        let mut state = 0x2545_f491_u32;
+        let data: Vec<u8> = (0..24 << 20)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                if i % 7 == 0 {
+                    (state % 26) as u8 + b'a'
+                } else {
+                    b' '
+                }
+            })
+            .collect();
+        let compress = |workers: u32| {
+            let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("encoder");
+            encoder.include_checksum(true).expect("checksum");
+            encoder.multithread(workers).expect("workers");
+            encoder.write_all(&data).expect("compress");
+            encoder.finish().expect("finish")
+        };
+        let one = compress(1);
+        assert!(one.len() < data.len() / 2);
+        assert_eq!(one, compress(2));
+        assert_eq!(one, compress(3));
+    }
 }

@@ -641,7 +641,7 @@ fn entry_from_metadata(
     })
 }
 
-fn read_xattrs(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+pub(super) fn read_xattrs(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
     let mut xattrs = BTreeMap::new();
     let mut names = vec![0u8; 4096];
     let len = match rustix::fs::llistxattr(path, &mut names) {

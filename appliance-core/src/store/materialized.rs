@@ -128,6 +128,29 @@ impl Store {
         }
     }
 
+    /// For `fsck`: the cached copies that no longer match their tree (`tree_of` gives the
+    /// tree of a digest some image has; copies of other trees are `gc`'s business). With
+    /// `repair` they are removed, and the next build writes them again.
+    pub(super) fn check_materialized(
+        &self,
+        tree_of: impl Fn(&str) -> anyhow::Result<Option<Tree>>,
+        repair: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut damaged = Vec::new();
+        for digest in self.materialized_digests()? {
+            let Some(tree) = tree_of(&digest)? else {
+                continue;
+            };
+            if let Some(difference) = first_difference(&self.trees_dir().join(&digest), &tree)? {
+                damaged.push(format!("{digest}: {difference}"));
+                if repair {
+                    self.remove_materialized(&digest)?;
+                }
+            }
+        }
+        Ok(damaged)
+    }
+
     /// For `gc` (no build runs): remove partial copies and copies of trees no image has.
     pub(super) fn prune_materialized(
         &self,
@@ -154,6 +177,91 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// Where the directory `root` differs from `tree`, if it does: every entry's kind, mode,
+/// owner, mtime, xattrs, content, link target and device numbers, and nothing more on disk.
+fn first_difference(root: &Path, tree: &Tree) -> anyhow::Result<Option<String>> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+
+    use sha2::{Digest as _, Sha256};
+
+    use super::tree::EntryKind;
+
+    let mut on_disk = 0usize;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for child in fs_err::read_dir(&dir)? {
+            let child = child?;
+            on_disk += 1;
+            if child.file_type()?.is_dir() {
+                stack.push(child.path());
+            }
+        }
+    }
+    // The tree counts its root; the walk does not.
+    if on_disk + 1 != tree.len() {
+        return Ok(Some(format!(
+            "{on_disk} entries on disk, {} in the tree",
+            tree.len() - 1
+        )));
+    }
+    for (path, entry) in tree.entries() {
+        let full = root.join(path);
+        let shown = if path.is_empty() { "/" } else { path.as_str() };
+        let Ok(meta) = fs_err::symlink_metadata(&full) else {
+            return Ok(Some(format!("{shown} is missing")));
+        };
+        let file_type = meta.file_type();
+        let kind_matches = match entry.kind {
+            EntryKind::File | EntryKind::Hardlink => file_type.is_file(),
+            EntryKind::Dir => file_type.is_dir(),
+            EntryKind::Symlink => file_type.is_symlink(),
+            EntryKind::CharDevice => file_type.is_char_device(),
+            EntryKind::BlockDevice => file_type.is_block_device(),
+            EntryKind::Fifo => file_type.is_fifo(),
+            EntryKind::Socket => file_type.is_socket(),
+        };
+        if !kind_matches {
+            return Ok(Some(format!("{shown} is not a {}", entry.kind.as_str())));
+        }
+        let symlink = entry.kind == EntryKind::Symlink;
+        // Symlinks' modes are not kept by Linux, nor their mtimes by every export.
+        if (!symlink && meta.mode() & 0o7777 != entry.mode)
+            || (meta.uid(), meta.gid()) != (entry.uid, entry.gid)
+            || (!symlink && meta.mtime() != entry.mtime)
+        {
+            return Ok(Some(format!("{shown} has other metadata")));
+        }
+        if super::import::read_xattrs(&full)? != entry.xattrs {
+            return Ok(Some(format!("{shown} has other extended attributes")));
+        }
+        let same_content = match entry.kind {
+            EntryKind::File | EntryKind::Hardlink => {
+                meta.len() == entry.size && {
+                    let mut hasher = Sha256::new();
+                    std::io::copy(&mut fs_err::File::open(&full)?, &mut hasher)?;
+                    entry.digest.as_deref() == Some(super::tree::hex(&hasher.finalize()).as_str())
+                }
+            }
+            EntryKind::Symlink => {
+                entry.link_target.as_deref().map(std::ffi::OsStr::new)
+                    == Some(fs_err::read_link(&full)?.as_os_str())
+            }
+            EntryKind::CharDevice | EntryKind::BlockDevice => {
+                entry.device
+                    == Some((
+                        rustix::fs::major(meta.rdev()),
+                        rustix::fs::minor(meta.rdev()),
+                    ))
+            }
+            _ => true,
+        };
+        if !same_content {
+            return Ok(Some(format!("{shown} has other content")));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -211,5 +319,52 @@ mod tests {
         let report = store.gc().expect("gc");
         assert_eq!(report.removed_cached_trees, 2);
         assert!(store.materialized_digests().expect("list").is_empty());
+    }
+
+    #[test]
+    fn fsck_finds_a_cached_copy_that_no_longer_matches_its_tree_and_repair_removes_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let source = dir.path().join("source");
+        fs_err::create_dir_all(source.join("etc")).expect("mkdir");
+        fs_err::write(source.join("etc/name"), "one").expect("write");
+        std::os::unix::fs::symlink("name", source.join("etc/alias")).expect("symlink");
+        let image = store
+            .import("img", &source, None, serde_json::json!({}))
+            .expect("import");
+        let tree = store.tree(&image).expect("tree");
+        let copy = store
+            .materialized(&tree, &image.tree_digest)
+            .expect("copy")
+            .path()
+            .to_path_buf();
+        let report = store.fsck(false).expect("fsck");
+        assert!(report.is_clean(), "{report:?}");
+
+        // Same size, other content: only reading it tells.
+        std::fs::write(copy.join("etc/name"), "two").expect("tamper");
+        let report = store.fsck(false).expect("fsck");
+        assert_eq!(report.damaged_cached_trees.len(), 1, "{report:?}");
+        assert!(report.damaged_cached_trees[0].contains("etc/name has other content"));
+        assert!(!report.is_clean());
+        assert!(copy.is_dir(), "a check without --repair changes nothing");
+
+        let report = store.fsck(true).expect("fsck --repair");
+        assert_eq!(report.damaged_cached_trees.len(), 1);
+        assert!(!copy.exists());
+        assert!(store.fsck(false).expect("fsck").is_clean());
+
+        // An extra file is a difference too.
+        let copy = store
+            .materialized(&tree, &image.tree_digest)
+            .expect("copy")
+            .path()
+            .to_path_buf();
+        fs_err::write(copy.join("etc/extra"), "").expect("write");
+        let report = store.fsck(false).expect("fsck");
+        assert!(
+            report.damaged_cached_trees[0].contains("entries on disk"),
+            "{report:?}"
+        );
     }
 }

@@ -186,11 +186,15 @@ pub struct FsckReport {
     pub unreferenced_objects: usize,
     pub images_needing_repair: Vec<String>,
     pub quarantined: usize,
+    /// Materialized trees in the cache that differ from their tree (removed with repair).
+    pub damaged_cached_trees: Vec<String>,
 }
 
 impl FsckReport {
     pub fn is_clean(&self) -> bool {
-        self.corrupt_objects.is_empty() && self.missing_objects.is_empty()
+        self.corrupt_objects.is_empty()
+            && self.missing_objects.is_empty()
+            && self.damaged_cached_trees.is_empty()
     }
 }
 
@@ -772,6 +776,13 @@ impl Store {
             }
         }
         report.missing_objects = referenced.difference(&present).cloned().collect();
+        report.damaged_cached_trees = self.check_materialized(
+            |digest| match images.iter().find(|i| i.tree_digest == digest) {
+                Some(image) => Ok(Some(self.read_catalog()?.tree(image.id)?)),
+                None => Ok(None),
+            },
+            repair,
+        )?;
         let bad: BTreeSet<String> = report
             .corrupt_objects
             .iter()
