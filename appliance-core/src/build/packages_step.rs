@@ -366,7 +366,9 @@ pub fn execute(
         let work = loop {
             attempt += 1;
             let scratch = staging.dir().join(format!("attempt-{attempt}"));
-            let work = prepare(exec, start, &tree, &scratch, upper_layer)?;
+            let work = preparing(exec, start, || {
+                WorkRoot::new(exec, start, &tree, &scratch, upper_layer)
+            })?;
             match run_apt(exec, &work, &scratch, &request) {
                 Ok(()) => break work,
                 Err(_) if upper_layer != UpperLayer::OnDisk && work.upper_layer_full() => {
@@ -417,18 +419,17 @@ pub fn execute(
     result
 }
 
-fn prepare(
+/// `prepare`, with a spinner and its time for `-v`.
+fn preparing(
     exec: &Execution<'_>,
     start: &ImageRecord,
-    tree: &Tree,
-    scratch: &std::path::Path,
-    upper_layer: UpperLayer,
+    prepare: impl FnOnce() -> anyhow::Result<WorkRoot>,
 ) -> anyhow::Result<WorkRoot> {
     let phase = std::time::Instant::now();
     let spinner = exec
         .reporter
         .spinner(&format!("preparing {}", start.reference()));
-    let work = WorkRoot::new(exec, start, tree, scratch, upper_layer);
+    let work = prepare();
     spinner.finish_and_clear();
     let work = work?;
     exec.reporter.explain(&format!(
