@@ -341,8 +341,16 @@ mod tests {
         let report = store.fsck(false).expect("fsck");
         assert!(report.is_clean(), "{report:?}");
 
-        // Same size, other content: only reading it tells.
+        // Same size, same mtime, other content: only reading it tells.
+        let mtime = fs_err::metadata(copy.join("etc/name"))
+            .and_then(|m| m.modified())
+            .expect("mtime");
         std::fs::write(copy.join("etc/name"), "two").expect("tamper");
+        fs_err::File::options()
+            .write(true)
+            .open(copy.join("etc/name"))
+            .and_then(|f| f.set_modified(mtime))
+            .expect("keep the mtime");
         let report = store.fsck(false).expect("fsck");
         assert_eq!(report.damaged_cached_trees.len(), 1, "{report:?}");
         assert!(report.damaged_cached_trees[0].contains("etc/name has other content"));
