@@ -48,10 +48,10 @@ pub fn sandbox_problem() -> Option<String> {
                 .into(),
         );
     }
-    for program in ["unshare", "chroot", "mount"] {
+    for program in ["unshare", "nsenter", "chroot", "mount", "umount"] {
         if !crate::process::available(program) {
             return Some(format!(
-                "`{program}` is missing (Debian package util-linux / coreutils)"
+                "`{program}` is missing (Debian packages util-linux, mount, coreutils)"
             ));
         }
     }
