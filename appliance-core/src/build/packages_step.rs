@@ -287,18 +287,26 @@ impl WorkRoot {
         }
     }
 
-    /// Whether the changes were kept in memory and filled the space they had.
-    fn upper_layer_full(&self) -> bool {
-        match self {
-            WorkRoot::Overlay {
-                overlay,
-                upper_layer: UpperLayer::InMemory(_),
-                ..
-            } => overlay
+    /// Whether `failure` came from the changes, kept in memory, filling the space they had:
+    /// apt said so, or (a write cut short in a maintainer script may say something else)
+    /// hardly any space is left.
+    fn upper_layer_full(&self, failure: &anyhow::Error) -> bool {
+        let WorkRoot::Overlay {
+            overlay,
+            upper_layer: UpperLayer::InMemory(_),
+            ..
+        } = self
+        else {
+            return false;
+        };
+        let said_so = matches!(
+            failure.downcast_ref::<PackageFailure>(),
+            Some(PackageFailure::Apt(apt)) if apt.output.contains("No space left on device")
+        );
+        said_so
+            || overlay
                 .upper_free_bytes()
-                .is_some_and(|free| free < FULL_UPPER),
-            _ => false,
-        }
+                .is_some_and(|free| free < FULL_UPPER)
     }
 
     /// The start tree with apt's changes, its new content staged.
@@ -371,7 +379,7 @@ pub fn execute(
             })?;
             match run_apt(exec, &work, &scratch, &request) {
                 Ok(()) => break work,
-                Err(_) if upper_layer != UpperLayer::OnDisk && work.upper_layer_full() => {
+                Err(error) if work.upper_layer_full(&error) => {
                     exec.reporter.explain(
                         "apt filled the memory set aside for its changes; running it again with \
                          the changes on disk",

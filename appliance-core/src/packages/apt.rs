@@ -415,6 +415,7 @@ pub fn install(
     // Keep what was downloaded even when the install failed: the next try reuses it.
     save_debs(&archives, &cache.debs)?;
     log += &ran?.output;
+    // Checked again: apt's maintainer scripts ran in between.
     let apt_cache_dir = real_dir(root, "var/cache/apt")?;
     remove_unless_regular_file(&source_cache)?;
     if lists_from_cache && !cached_source_cache.exists() && source_cache.is_file() {

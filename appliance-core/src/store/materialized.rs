@@ -50,7 +50,7 @@ impl Store {
         let lock_path = dir.join(format!("{digest}.lock"));
         let in_use = lock(&lock_path, false)?;
         // The lock file's mtime is the copy's last use, for eviction.
-        open_lock_file(&lock_path)?.set_modified(std::time::SystemTime::now())?;
+        in_use.touch()?;
         let path = dir.join(digest);
         if path.is_dir() {
             return Ok(MaterializedTree {

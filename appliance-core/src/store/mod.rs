@@ -52,7 +52,14 @@ pub struct Store {
 /// A held flock; released on drop.
 #[derive(Debug)]
 pub struct LockGuard {
-    _file: File,
+    file: File,
+}
+
+impl LockGuard {
+    /// Set the lock file's mtime to now: when the locked thing was last used.
+    pub(super) fn touch(&self) -> std::io::Result<()> {
+        self.file.set_modified(std::time::SystemTime::now())
+    }
 }
 
 fn open_lock_file(path: &Path) -> anyhow::Result<File> {
@@ -73,7 +80,7 @@ fn lock(path: &Path, exclusive: bool) -> anyhow::Result<LockGuard> {
         rustix::fs::FlockOperation::LockShared
     };
     rustix::fs::flock(&file, operation).with_context(|| format!("locking {}", path.display()))?;
-    Ok(LockGuard { _file: file })
+    Ok(LockGuard { file })
 }
 
 /// Ancestors an image records derivations from (a guard against a damaged, cyclic catalog).
