@@ -1,4 +1,4 @@
-//! `suggest` for one appliance against a history of 100,000 derivations (the shared corpus,
+//! `suggest` for one appliance against a history of 100,000 derivations (the shipped corpus,
 //! replicated with renamed children), next to a plain popularity query in the same run.
 //! `cargo bench -p appliance-core --bench suggest`; target: ≤ 0.5 s per appliance.
 
@@ -16,8 +16,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 }
 
 fn main() -> anyhow::Result<()> {
-    let corpus =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/derivations.jsonl.zst");
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("seed/derivations.jsonl.zst");
     let mut conn = duckdb::Connection::open_in_memory()?;
     conn.execute_batch(history::SCHEMA)?;
     let base: Vec<Derivation> = history::read_file(&conn, &corpus)?;

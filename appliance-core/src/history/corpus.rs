@@ -1,5 +1,5 @@
-//! The shared corpus (`../shared/corpus/derivations.jsonl.zst`, Dockerfiles mined from public
-//! repositories) as derivations. The conversion, documented for `history import`:
+//! The corpus shipped in `appliance-core/seed/derivations.jsonl.zst` (Dockerfiles mined from
+//! public repositories; its README says where from and what each field means) as derivations. The conversion, documented for `history import`:
 //!
 //! | corpus field | derivation |
 //! |---|---|
