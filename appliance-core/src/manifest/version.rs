@@ -1,8 +1,10 @@
 //! Image versions and version requirements.
 //!
 //! Stored images carry dotted numeric versions (`3`, `1.2`, `20261125.1`); a `base` node may
-//! constrain which one it accepts with comparisons such as `>=2, <3`. Numeric components
-//! compare as numbers, a missing component counts as zero (`2` = `2.0`).
+//! constrain which one it accepts with comparisons such as `>=2, <3`. In requirements numeric
+//! components compare as numbers and a missing component counts as zero (`=2` accepts
+//! `2.0`). As values, `2` and `2.0` are different versions (`==` says so), so the total
+//! order puts the shorter first when the numbers agree: a set of versions keeps both.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -33,7 +35,16 @@ impl Version {
 }
 
 impl Ord for Version {
+    /// Consistent with `==`: numerically, then the one with fewer components first.
     fn cmp(&self, other: &Self) -> Ordering {
+        self.cmp_numeric(other)
+            .then_with(|| self.0.len().cmp(&other.0.len()))
+    }
+}
+
+impl Version {
+    /// The order requirements use: a missing component counts as zero (`2` = `2.0`).
+    pub fn cmp_numeric(&self, other: &Self) -> Ordering {
         let len = self.0.len().max(other.0.len());
         (0..len)
             .map(|i| {
@@ -105,7 +116,7 @@ impl VersionReq {
 
     pub fn matches(&self, version: &Version) -> bool {
         self.0.iter().all(|(op, wanted)| {
-            let ordering = version.cmp(wanted);
+            let ordering = version.cmp_numeric(wanted);
             match op {
                 Op::Eq => ordering.is_eq(),
                 Op::Gt => ordering.is_gt(),
@@ -141,6 +152,15 @@ mod tests {
             let req = VersionReq::parse(req).expect("test requirements are valid");
             assert_eq!(req.matches(&v(version)), expected, "{req:?} vs {version}");
         }
+    }
+
+    #[test]
+    fn versions_equal_as_numbers_stay_distinct_in_a_set() {
+        let set: std::collections::BTreeSet<Version> = [v("2"), v("2.0"), v("1.9")].into();
+        assert_eq!(set.len(), 3);
+        assert_ne!(v("2"), v("2.0"));
+        assert!(v("2") < v("2.0") && v("2.0") < v("2.0.1") && v("1.9") < v("2"));
+        assert_eq!(v("2").cmp_numeric(&v("2.0")), Ordering::Equal);
     }
 
     #[test]

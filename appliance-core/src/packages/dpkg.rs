@@ -1,6 +1,9 @@
 //! dpkg's status database (`/var/lib/dpkg/status`): which packages an image has installed.
-//! Pure: text in, packages out. Stanzas whose `Status` is not `install ok installed` (removed
-//! but with config files left, half-configured…) are not installed.
+//! Pure: text in, packages out. A package is installed when its `Status` (want, flag, state)
+//! has the state `installed` (or only triggers pending) and the flag `ok`, whatever the
+//! want: `hold ok installed` (apt-mark hold) and `deinstall ok installed` (selected for
+//! removal, still there) are installed; `deinstall ok config-files` (removed, config left)
+//! and half-configured or half-installed packages are not.
 
 use serde::Serialize;
 
@@ -35,7 +38,7 @@ pub fn parse_status(text: &str) -> Vec<InstalledPackage> {
                 "Package" => name = Some(value.to_owned()),
                 "Version" => version = Some(value.to_owned()),
                 "Architecture" => architecture = Some(value.to_owned()),
-                "Status" => installed = value == "install ok installed",
+                "Status" => installed = is_installed(value),
                 _ => {}
             }
         }
@@ -51,9 +54,26 @@ pub fn parse_status(text: &str) -> Vec<InstalledPackage> {
     packages
 }
 
+fn is_installed(status: &str) -> bool {
+    let mut words = status.split_whitespace();
+    let (Some(_want), Some(flag), Some(state), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return false;
+    };
+    flag == "ok" && matches!(state, "installed" | "triggers-pending" | "triggers-awaited")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_package_is_installed() {
+        let status = "Package: nginx\nStatus: hold ok installed\nVersion: 1.22.1-9\nArchitecture: amd64\n\nPackage: curl\nStatus: deinstall ok installed\nVersion: 7.88.1\nArchitecture: amd64\n\nPackage: gone\nStatus: purge ok not-installed\n\nPackage: broken\nStatus: install reinstreq half-installed\nVersion: 1\n\nPackage: waiting\nStatus: install ok triggers-pending\nVersion: 2\n";
+        let names: Vec<String> = parse_status(status).into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["curl", "nginx", "waiting"]);
+    }
 
     #[test]
     fn only_installed_packages_count() {

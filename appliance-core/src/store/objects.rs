@@ -70,8 +70,15 @@ impl Objects {
     /// Every object file under the store (for gc and fsck), as (digest, path).
     pub fn list(&self) -> anyhow::Result<Vec<(String, PathBuf)>> {
         let mut found = Vec::new();
-        let Ok(fans) = std::fs::read_dir(&self.root) else {
-            return Ok(found);
+        // Only a missing directory is empty: gc and fsck must not go silent on EACCES.
+        let fans = match std::fs::read_dir(&self.root) {
+            Ok(fans) => fans,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(error) => {
+                return Err(
+                    anyhow::Error::new(error).context(format!("listing {}", self.root.display()))
+                );
+            }
         };
         for fan in fans {
             let fan = fan.with_context(|| format!("listing {}", self.root.display()))?;
