@@ -3,13 +3,12 @@
 //! One module per part of the design (see ARCHITECTURE.md): [`manifest`] reads and
 //! validates manifests, [`workspace`] connects them to the Cargo workspace, [`check`] runs
 //! both over a workspace, [`build`] turns manifests into stored images and outputs, [`store`] holds images, [`packages`] knows Debian, [`process`]
-//! runs external programs, [`diagnostics`] renders problems, [`cli`] and [`commands`] are
-//! the command line.
+//! runs external programs, [`diagnostics`] renders problems, [`cli`] is the command
+//! line (clap types, dispatch, the printer, the store commands).
 
 pub mod build;
 pub mod check;
 pub mod cli;
-pub mod commands;
 pub mod diagnostics;
 pub mod diff;
 pub mod history;
@@ -20,4 +19,5 @@ pub mod packages;
 pub mod process;
 pub mod run;
 pub mod store;
+pub mod test_hooks;
 pub mod workspace;

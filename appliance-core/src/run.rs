@@ -67,6 +67,18 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
+/// What booting needs on the host (QEMU and the UEFI firmware), checked before the build
+/// that precedes a boot, so a missing QEMU does not cost a build first.
+pub fn preflight() -> anyhow::Result<()> {
+    if let Some(missing) = crate::process::host::describe_missing(crate::process::host::Need::Boot)
+    {
+        bail!(
+            "booting needs {missing}, which is not on PATH (`.ci/install-deps` installs everything cargo-appliance uses)"
+        );
+    }
+    firmware().map(drop)
+}
+
 fn firmware() -> anyhow::Result<(PathBuf, PathBuf)> {
     FIRMWARE
         .iter()
@@ -75,8 +87,14 @@ fn firmware() -> anyhow::Result<(PathBuf, PathBuf)> {
         .context("no OVMF firmware in /usr/share/OVMF (Debian package ovmf; `.ci/install-deps` installs it)")
 }
 
+/// A path as the value of a QEMU `key=value,…` option: a comma ends the value unless it is
+/// doubled, so `/tmp/a,b/disk.raw` would otherwise open `/tmp/a` with an option `b/disk.raw`.
+fn qemu_option_value(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
 fn qemu_command(options: &RunOptions, accel: Accel, vars: &Path, code: &Path) -> Command {
-    let mut command = Command::new("qemu-system-x86_64");
+    let mut command = crate::process::dies_with_us("qemu-system-x86_64");
     command.args(["-machine", "q35", "-nographic", "-no-reboot", "-snapshot"]);
     command.args(["-m", &options.memory_mib.to_string(), "-smp", "2"]);
     match accel {
@@ -87,18 +105,18 @@ fn qemu_command(options: &RunOptions, accel: Accel, vars: &Path, code: &Path) ->
         .arg("-drive")
         .arg(format!(
             "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            code.display()
+            qemu_option_value(code)
         ))
         .arg("-drive")
         .arg(format!(
             "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
+            qemu_option_value(vars)
         ))
         .arg("-drive")
         .arg(format!(
             "if=virtio,format={},file={}",
             options.format,
-            options.disk.display()
+            qemu_option_value(&options.disk)
         ));
     let mut netdev = "user,id=net0".to_owned();
     for forward in &options.forwards {
@@ -233,9 +251,7 @@ fn attempt(
 
 /// Boot the disk; returns when the VM powers off or the timeout ends it.
 pub fn run(options: &RunOptions, mut note: impl FnMut(&str)) -> anyhow::Result<RunOutcome> {
-    if !crate::process::available("qemu-system-x86_64") {
-        bail!("`qemu-system-x86_64` is missing (Debian package qemu-system-x86)");
-    }
+    preflight()?;
     let deadline = options.timeout.map(|t| Instant::now() + t);
     let mut accel = if options.kvm && kvm_usable() {
         Accel::Kvm
@@ -265,5 +281,40 @@ pub fn run(options: &RunOptions, mut note: impl FnMut(&str)) -> anyhow::Result<R
             }
             Attempt::KvmFailed(why) => bail!("qemu failed: {why}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_with_commas_reach_qemu_doubled() {
+        let options = RunOptions {
+            disk: PathBuf::from("/work/a,b/web.qcow2"),
+            format: "qcow2".into(),
+            forwards: Vec::new(),
+            kvm: false,
+            timeout: None,
+            memory_mib: 512,
+        };
+        let command = qemu_command(
+            &options,
+            Accel::Tcg,
+            Path::new("/tmp/x,vars.fd"),
+            Path::new("/usr/share/OVMF/OVMF_CODE.fd"),
+        );
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.contains(&"if=virtio,format=qcow2,file=/work/a,,b/web.qcow2".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"if=pflash,format=raw,unit=1,file=/tmp/x,,vars.fd".to_owned()),
+            "{args:?}"
+        );
     }
 }

@@ -130,7 +130,7 @@ pub fn build_binary(
         return Ok((artifact.clone(), true));
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = std::process::Command::new(&cargo);
+    let mut command = crate::process::dies_with_us(&cargo);
     command
         .current_dir(&workspace.root)
         .args([

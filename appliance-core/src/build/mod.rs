@@ -106,6 +106,31 @@ pub fn build(
     reporter: &Reporter,
 ) -> Result<Vec<Built>, BuildError> {
     let workspace = &report.workspace;
+    let sites: BTreeMap<&str, Site<'_>> = report
+        .manifests
+        .iter()
+        .flat_map(|manifest| {
+            manifest.appliances.iter().map(move |appliance| {
+                (
+                    appliance.name.value.as_str(),
+                    Site {
+                        manifest,
+                        appliance,
+                    },
+                )
+            })
+        })
+        .collect();
+    let order = build_order(report, &sites);
+    // Before any work: a missing program should not cost the minutes apt and cargo take.
+    let missing: Vec<Diagnostic> = order
+        .iter()
+        .filter_map(|name| sites.get(name.as_str()))
+        .flat_map(missing_host_programs)
+        .collect();
+    if !missing.is_empty() {
+        return Err(BuildError::Diagnostics(missing));
+    }
     let lock_path = lockfile::path(&workspace.root);
     let old_lock = LockFile::read(&lock_path)?;
     if options.locked && old_lock.is_none() {
@@ -135,22 +160,6 @@ pub fn build(
                 .map_or(0, |d| d.as_secs() as i64)
         }),
     };
-    let sites: BTreeMap<&str, Site<'_>> = report
-        .manifests
-        .iter()
-        .flat_map(|manifest| {
-            manifest.appliances.iter().map(move |appliance| {
-                (
-                    appliance.name.value.as_str(),
-                    Site {
-                        manifest,
-                        appliance,
-                    },
-                )
-            })
-        })
-        .collect();
-    let order = build_order(report, &sites);
     let mut built: BTreeMap<String, Built> = BTreeMap::new();
     let mut results = Vec::new();
     for name in order {
@@ -187,6 +196,120 @@ fn describe_lock_change(old: &LockFile, new: &LockFile) -> String {
         .map(|(name, _)| name.as_str())
         .collect();
     format!("changed for {}", changed.join(", "))
+}
+
+/// A `run` script as the build runs it: where it is declared, its text, its limit.
+struct Script {
+    span: Span,
+    text: String,
+    timeout: Duration,
+}
+
+/// The diagnostic for a script that failed or ran out of time.
+fn script_failure(site: &Site<'_>, script: &Script, error: anyhow::Error) -> BuildError {
+    let error = match error.downcast::<crate::packages::apt::SandboxTimeout>() {
+        Ok(timeout) => {
+            let all: Vec<&str> = timeout.output.lines().collect();
+            let tail = all[all.len().saturating_sub(25)..].join("\n");
+            return site
+                .error(
+                    "appliance::run-timeout",
+                    format!(
+                        "the script ran longer than its limit of {} and was killed",
+                        human_duration(timeout.limit)
+                    ),
+                    script.span,
+                )
+                .label("this script")
+                .help(if tail.is_empty() {
+                    "raise the limit with `timeout=` (e.g. `timeout=\"1h\"`) if it needs longer; it printed nothing".to_owned()
+                } else {
+                    format!("raise the limit with `timeout=` (e.g. `timeout=\"1h\"`) if it needs longer; its output ends with:\n{tail}")
+                })
+                .into();
+        }
+        Err(error) => error,
+    };
+    match error.downcast::<crate::packages::apt::SandboxFailure>() {
+        Ok(failure) => site
+            .error(
+                "appliance::run-failed",
+                format!("the script failed inside the image ({})", failure.status),
+                script.span,
+            )
+            .label("this script")
+            .help(format!("its output ends with:\n{}", failure.tail(25)))
+            .into(),
+        Err(other) => BuildError::Other(other),
+    }
+}
+
+/// `5s`, `10m`, `1h30m` for a limit.
+fn human_duration(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    match (seconds / 3600, seconds % 3600 / 60, seconds % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
+/// An error on the node that needs it for each program the appliance's build would run and
+/// this host lacks: `packages`/`run` need the sandbox, disk outputs their filesystem tools,
+/// `qcow2` qemu-img.
+fn missing_host_programs(site: &Site<'_>) -> Vec<Diagnostic> {
+    use crate::process::host::{Need, describe_missing};
+    let appliance = site.appliance;
+    let mut needs: Vec<(Need, Span, &str)> = Vec::new();
+    if let Some(package) = appliance.packages.first() {
+        needs.push((Need::Sandbox, package.name.span, "installing packages"));
+    } else if let Some(run) = appliance.runs.first() {
+        needs.push((Need::Sandbox, run.span, "`run` scripts"));
+    }
+    for output in &appliance.outputs {
+        let Some(format) = crate::output::Format::parse(&output.format.value) else {
+            continue;
+        };
+        if format.is_bootable() {
+            if appliance.packages.is_empty() && appliance.runs.is_empty() {
+                // The boot packages are installed by the sandbox too.
+                needs.push((
+                    Need::Sandbox,
+                    output.format.span,
+                    "installing the boot packages",
+                ));
+            }
+            needs.push((Need::Disk, output.format.span, "disk outputs"));
+        }
+        if output.format.value == "qcow2" {
+            needs.push((Need::Qcow2, output.format.span, "the qcow2 output"));
+        }
+    }
+    let mut seen = Vec::new();
+    needs
+        .into_iter()
+        .filter(|(need, _, _)| {
+            let new = !seen.contains(need);
+            seen.push(*need);
+            new
+        })
+        .filter_map(|(need, span, purpose)| {
+            let missing = describe_missing(need)?;
+            Some(
+                site.error(
+                    "appliance::missing-host-program",
+                    format!("{purpose} needs {missing}, which is not on PATH"),
+                    span,
+                )
+                .help(
+                    "install it (`.ci/install-deps` installs everything cargo-appliance uses), \
+                     then build again; nothing was built or stored",
+                ),
+            )
+        })
+        .collect()
 }
 
 /// The checked appliances, each after the appliance it derives from.
@@ -665,11 +788,7 @@ impl Context<'_> {
         Ok(out)
     }
 
-    fn run_scripts(
-        &self,
-        site: &Site<'_>,
-        manifest_dir: &Path,
-    ) -> Result<Vec<(Span, String)>, BuildError> {
+    fn run_scripts(&self, site: &Site<'_>, manifest_dir: &Path) -> Result<Vec<Script>, BuildError> {
         let mut scripts = Vec::new();
         for run in &site.appliance.runs {
             let text = match &run.source {
@@ -684,7 +803,11 @@ impl Context<'_> {
                     })?
                 }
             };
-            scripts.push((run.span, text));
+            scripts.push(Script {
+                span: run.span,
+                text,
+                timeout: run.timeout,
+            });
         }
         Ok(scripts)
     }
@@ -694,7 +817,7 @@ impl Context<'_> {
         &self,
         site: &Site<'_>,
         editor: TreeEditor,
-        scripts: &[(Span, String)],
+        scripts: &[Script],
         new: &NewTree,
     ) -> Result<ImageRecord, BuildError> {
         let store = self.store;
@@ -708,33 +831,17 @@ impl Context<'_> {
             // Files the scripts leave alone are not read and hashed again.
             let known = crate::store::import::KnownContent::record(&root, &tree)?;
             let sandbox = crate::packages::apt::Sandbox::prepare(&root)?;
-            for (index, (span, script)) in scripts.iter().enumerate() {
+            for (index, script) in scripts.iter().enumerate() {
                 // /tmp is a fresh tmpfs inside the sandbox: the script waits in the root.
                 let script_in_root = root.join(format!("run-{index}.sh"));
-                fs_err::write(&script_in_root, script)?;
+                fs_err::write(&script_in_root, &script.text)?;
                 let name = format!("/run-{index}.sh");
                 let spinner = self.reporter.spinner(&format!("run script {}", index + 1));
-                let ran = sandbox.run(&["sh", "-e", &name]);
+                let ran = sandbox.run_limited(&["sh", "-e", &name], &[], Some(script.timeout));
                 spinner.finish_and_clear();
                 fs_err::remove_file(&script_in_root)?;
                 if let Err(error) = ran {
-                    return Err(
-                        match error.downcast::<crate::packages::apt::SandboxFailure>() {
-                            Ok(failure) => site
-                                .error(
-                                    "appliance::run-failed",
-                                    format!(
-                                        "the script failed inside the image ({})",
-                                        failure.status
-                                    ),
-                                    *span,
-                                )
-                                .label("this script")
-                                .help(format!("its output ends with:\n{}", failure.tail(25)))
-                                .into(),
-                            Err(other) => BuildError::Other(other),
-                        },
-                    );
+                    return Err(script_failure(site, script, error));
                 }
             }
             sandbox.finish()?;
@@ -846,7 +953,7 @@ fn appliance_key(
     parent: &ImageRecord,
     copies: &[files::CopyItem],
     binaries: &[(String, u32, cargo::Artifact)],
-    scripts: &[(Span, String)],
+    scripts: &[Script],
 ) -> String {
     let mut config = serde_json::to_value(appliance).unwrap_or_default();
     strip_spans(&mut config);
@@ -871,7 +978,7 @@ fn appliance_key(
         "config": config,
         "copies": copies,
         "binaries": binaries.iter().map(|(to, mode, a)| json!([to, mode, a.digest])).collect::<Vec<_>>(),
-        "scripts": scripts.iter().map(|(_, s)| s).collect::<Vec<_>>(),
+        "scripts": scripts.iter().map(|s| &s.text).collect::<Vec<_>>(),
         "bootable": is_bootable(appliance),
     });
     let mut hasher = Sha256::new();

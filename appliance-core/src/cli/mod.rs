@@ -4,6 +4,9 @@
 //! only calls [`main`]. Exit codes follow cargo: 0 success (warnings allowed), 1 failure,
 //! 2 usage error (clap's own).
 
+pub(crate) mod printer;
+pub mod store_commands;
+
 use anyhow::Context as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -136,7 +139,7 @@ pub struct SuggestArgs {
 pub enum HistoryCommand {
     /// Add derivations from JSON Lines (optionally .zst; corpus records are converted) or Parquet
     Import { file: PathBuf },
-    /// Write the history as JSON Lines, or Parquet when FILE ends in .parquet
+    /// Write the history as JSON Lines (`-` for stdout), or Parquet when FILE ends in .parquet
     Export { file: PathBuf },
     /// Re-derive the history of the stored images from the catalog
     Rebuild,
@@ -269,8 +272,10 @@ pub fn run(cli: &Cli) -> ExitCode {
         Command::Build(args) => run_build(&cli.global, args),
         Command::Update(args) => run_update(&cli.global, args),
         Command::Run(args) => run_vm(&cli.global, args),
-        command => match crate::commands::run_store_command(&cli.global, command) {
+        command => match store_commands::run_store_command(&cli.global, command) {
             Ok(code) => code,
+            // The reader went away (`… | head`): stop quietly, as cargo and ripgrep do.
+            Err(error) if printer::is_closed_pipe(&error) => ExitCode::SUCCESS,
             Err(error) => {
                 report_error(&cli.global, &error);
                 ExitCode::FAILURE
@@ -409,7 +414,7 @@ fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
         min_confidence: args.min_confidence,
         min_images: args.min_images,
     };
-    let store = match crate::commands::open_store(global) {
+    let store = match store_commands::open_store(global) {
         Ok(store) => store,
         Err(error) => {
             report_error(global, &error);
@@ -496,7 +501,7 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
     if report.has_errors() {
         return ExitCode::FAILURE;
     }
-    let store = match crate::commands::open_store(global) {
+    let store = match store_commands::open_store(global) {
         Ok(store) => store,
         Err(error) => {
             report_error(global, &error);
@@ -631,7 +636,8 @@ fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
         emit(global, &report.diagnostics);
         return Ok(ExitCode::FAILURE);
     }
-    let store = crate::commands::open_store(global)?;
+    crate::run::preflight()?;
+    let store = store_commands::open_store(global)?;
     let reporter = crate::build::progress::Reporter::new(global.quiet, global.verbose > 0);
     let built = match crate::build::build(
         &report,
@@ -716,7 +722,7 @@ fn run_update(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let reporter = crate::build::progress::Reporter::new(global.quiet, global.verbose > 0);
-    match crate::commands::open_store(global)
+    match store_commands::open_store(global)
         .and_then(|store| crate::build::update(&report, &store, &reporter))
     {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,10 +1,10 @@
 //! Store commands: run the library call, print the result for humans or as JSON.
 
-use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 
+use crate::cli::printer::{outln, print_json, status_line};
 use crate::cli::{
     BaseCommand, Command, GlobalArgs, HistoryCommand, ImageCommand, MessageFormat, plural,
 };
@@ -20,15 +20,9 @@ pub(crate) fn open_store(global: &GlobalArgs) -> anyhow::Result<Store> {
     Store::open(&dir)
 }
 
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    let line = serde_json::to_string(value)?;
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
-    Ok(())
-}
-
 fn status(global: &GlobalArgs, verb: &str, what: &str) {
     if !global.quiet && global.message_format == MessageFormat::Human {
-        let _ = writeln!(std::io::stderr().lock(), "{verb:>12} {what}");
+        status_line(format_args!("{verb:>12} {what}"));
     }
 }
 
@@ -95,10 +89,10 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                     }
                 }
                 walk(&mut out, &children, None, "");
-                print!("{out}");
+                outln!("{}", out.trim_end_matches('\n'))?;
             } else {
                 for image in &images {
-                    println!("{}", image_line(image));
+                    outln!("{}", image_line(image))?;
                 }
             }
         }
@@ -170,32 +164,34 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 print_json(&details)?;
             } else {
                 let record = &details.record;
-                println!("image:       {}", record.reference());
-                println!("tree digest: {}", record.tree_digest);
-                println!(
+                outln!("image:       {}", record.reference())?;
+                outln!("tree digest: {}", record.tree_digest)?;
+                outln!(
                     "parent:      {}",
                     details.parent_reference.as_deref().unwrap_or("(none)")
-                );
-                println!(
+                )?;
+                outln!(
                     "children:    {}",
                     if details.children.is_empty() {
                         "(none)".into()
                     } else {
                         details.children.join(", ")
                     }
-                );
-                println!(
+                )?;
+                outln!(
                     "entries:     {} ({} of content)",
                     record.entry_count,
                     human_bytes(record.content_bytes)
-                );
-                println!("provenance:  {}", record.provenance);
-                println!("packages:    {}", details.packages.len());
+                )?;
+                outln!("provenance:  {}", record.provenance)?;
+                outln!("packages:    {}", details.packages.len())?;
                 for package in &details.packages {
-                    println!(
+                    outln!(
                         "  {} {} {}",
-                        package.name, package.version, package.architecture
-                    );
+                        package.name,
+                        package.version,
+                        package.architecture
+                    )?;
                 }
             }
         }
@@ -277,7 +273,9 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
         Command::History(HistoryCommand::Export { file }) => {
             let catalog = store.read_catalog()?;
             let count = history::export(catalog.connection(), file)?;
-            if json {
+            if file.as_os_str() == "-" {
+                // The derivations were the output.
+            } else if json {
                 print_json(&serde_json::json!({"exported": count}))?;
             } else {
                 status(
@@ -306,7 +304,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                     print_json(entry)?;
                 }
             } else {
-                print_diff(&entries);
+                print_diff(&entries)?;
             }
         }
         Command::History(HistoryCommand::Evaluate { file }) => {
@@ -326,25 +324,28 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
             if json {
                 print_json(&evaluation)?;
             } else {
-                println!(
+                outln!(
                     "leave-one-out over {} derivations ({} with at least 3 added packages, one hidden each)",
-                    evaluation.derivations, evaluation.cases
-                );
-                println!("| ranking | recall@5 | recall@10 |");
-                println!("|---|---|---|");
-                println!(
+                    evaluation.derivations,
+                    evaluation.cases
+                )?;
+                outln!("| ranking | recall@5 | recall@10 |")?;
+                outln!("|---|---|---|")?;
+                outln!(
                     "| suggestions | {:.3} | {:.3} |",
-                    evaluation.recall_at_5, evaluation.recall_at_10
-                );
-                println!(
+                    evaluation.recall_at_5,
+                    evaluation.recall_at_10
+                )?;
+                outln!(
                     "| popularity baseline | {:.3} | {:.3} |",
-                    evaluation.baseline_recall_at_5, evaluation.baseline_recall_at_10
-                );
+                    evaluation.baseline_recall_at_5,
+                    evaluation.baseline_recall_at_10
+                )?;
                 if evaluation.baseline_recall_at_5 > 0.0 {
-                    println!(
+                    outln!(
                         "recall@5 is {:.2}x the baseline",
                         evaluation.recall_at_5 / evaluation.baseline_recall_at_5
-                    );
+                    )?;
                 }
             }
         }
@@ -353,15 +354,15 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
             if json {
                 print_json(&report)?;
             } else {
-                println!("checked {}", plural(report.objects_checked, "object"));
+                outln!("checked {}", plural(report.objects_checked, "object"))?;
                 for digest in &report.corrupt_objects {
-                    println!("corrupt object {digest}");
+                    outln!("corrupt object {digest}")?;
                 }
                 for digest in &report.missing_objects {
-                    println!("missing object {digest}");
+                    outln!("missing object {digest}")?;
                 }
                 for image in &report.images_needing_repair {
-                    println!("image {image} needs repair");
+                    outln!("image {image} needs repair")?;
                 }
                 for damage in &report.damaged_cached_trees {
                     let action = if args.repair {
@@ -369,13 +370,13 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                     } else {
                         "remove it with --repair"
                     };
-                    println!("cached materialized tree {damage} ({action})");
+                    outln!("cached materialized tree {damage} ({action})")?;
                 }
                 if report.unreferenced_objects > 0 {
-                    println!(
+                    outln!(
                         "{} unreferenced (run `cargo appliance gc`)",
                         plural(report.unreferenced_objects, "object")
-                    );
+                    )?;
                 }
             }
             if !report.is_clean() {
@@ -438,10 +439,10 @@ fn export_disk(
 
 /// Intended changes grouped by kind, then the consequences (dependencies, package scripts)
 /// the same way under their own heading.
-fn print_diff(entries: &[crate::diff::DiffEntry]) {
+fn print_diff(entries: &[crate::diff::DiffEntry]) -> std::io::Result<()> {
     if entries.is_empty() {
-        println!("no changes");
-        return;
+        outln!("no changes")?;
+        return Ok(());
     }
     let (intended, consequences): (Vec<_>, Vec<_>) =
         entries.iter().partition(|entry| entry.is_intended());
@@ -450,23 +451,25 @@ fn print_diff(entries: &[crate::diff::DiffEntry]) {
         for entry in group {
             if entry.kind != kind {
                 kind = &entry.kind;
-                println!("{indent}{kind}:");
+                outln!("{indent}{kind}:")?;
             }
             let mut detail: Vec<&str> = entry.detail.iter().map(String::as_str).collect();
             detail.extend(entry.cause.map(crate::diff::Cause::describe));
             if detail.is_empty() {
-                println!("{indent}  {}", entry.subject);
+                outln!("{indent}  {}", entry.subject)?;
             } else {
-                println!("{indent}  {} ({})", entry.subject, detail.join(", "));
+                outln!("{indent}  {} ({})", entry.subject, detail.join(", "))?;
             }
         }
+        Ok::<(), std::io::Error>(())
     };
-    print_group(&intended, "");
+    print_group(&intended, "")?;
     if !consequences.is_empty() {
-        println!(
+        outln!(
             "consequences ({}: dependencies and what package scripts did):",
             consequences.len()
-        );
-        print_group(&consequences, "  ");
+        )?;
+        print_group(&consequences, "  ")?;
     }
+    Ok(())
 }

@@ -342,6 +342,8 @@ pub fn load(conn: &Connection) -> anyhow::Result<Vec<(i64, Derivation)>> {
 }
 
 /// Write the history as JSON Lines or (by extension) Parquet.
+/// Write the history to `path`: Parquet when it ends in `.parquet`, JSON Lines otherwise
+/// (`-` for stdout).
 pub fn export(conn: &Connection, path: &Path) -> anyhow::Result<usize> {
     let derivations = load(conn)?;
     if path.to_string_lossy().ends_with(".parquet") {
@@ -360,10 +362,17 @@ pub fn export(conn: &Connection, path: &Path) -> anyhow::Result<usize> {
         .with_context(|| format!("writing {}", path.display()))?;
         return Ok(derivations.len());
     }
-    let mut out = std::io::BufWriter::new(fs_err::File::create(path)?);
+    // `-` is stdout. Lines are written whole, so a closed pipe surfaces as the io::Error the
+    // command line recognises (serde_json would wrap it in its own error type).
+    let mut out: Box<dyn Write> = if path == Path::new("-") {
+        Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+    } else {
+        Box::new(std::io::BufWriter::new(fs_err::File::create(path)?))
+    };
     for (_, derivation) in &derivations {
-        serde_json::to_writer(&mut out, derivation)?;
-        out.write_all(b"\n")?;
+        let mut line = serde_json::to_string(derivation)?;
+        line.push('\n');
+        out.write_all(line.as_bytes())?;
     }
     out.flush()?;
     Ok(derivations.len())

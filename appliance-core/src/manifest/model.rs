@@ -151,7 +151,12 @@ pub enum RunSource {
 pub struct RunScript {
     pub span: Span,
     pub source: RunSource,
+    /// How long the script may run before its sandbox is killed.
+    pub timeout: std::time::Duration,
 }
+
+/// A `run` script's limit when the manifest gives none.
+pub const DEFAULT_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]

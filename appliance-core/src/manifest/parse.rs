@@ -535,6 +535,9 @@ fn build_run(
             Some(RunScript {
                 span: view.span,
                 source,
+                timeout: view
+                    .int_prop("timeout")
+                    .map_or(DEFAULT_RUN_TIMEOUT, std::time::Duration::from_secs),
             })
         }
     }

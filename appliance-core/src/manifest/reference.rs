@@ -49,6 +49,11 @@ fn kdl_value(out: &mut String, indent: &str, kind: &ValueKind) {
             let _ = writeln!(out, "{indent}type \"integer\" \"string\"");
             let _ = writeln!(out, "{indent}format \"size\"");
         }
+        ValueKind::Duration => {
+            let _ = writeln!(out, "{indent}type \"integer\" \"string\"");
+            let _ = writeln!(out, "{indent}format \"duration\"");
+            let _ = writeln!(out, "{indent}range 1 604800");
+        }
         ValueKind::Fraction => {
             let _ = writeln!(out, "{indent}type \"number\"");
             let _ = writeln!(out, "{indent}range 0 1");

@@ -46,6 +46,8 @@ pub enum ValueKind {
     Id,
     /// A small positive count, 1–1000.
     Count,
+    /// A duration: `"30s"`, `"10m"`, `"2h"` (or a whole number of seconds), 1 s – 7 days.
+    Duration,
 }
 
 fn grammar_name<S: serde::Serializer>(grammar: &&'static Grammar, s: S) -> Result<S::Ok, S::Error> {
@@ -68,6 +70,9 @@ impl ValueKind {
             ValueKind::Fraction => "a number between 0 and 1".into(),
             ValueKind::Id => "a numeric id, 0–4294967294".into(),
             ValueKind::Count => "a whole number, 1–1000".into(),
+            ValueKind::Duration => {
+                "a duration such as \"30s\", \"10m\" or \"2h\", or a number of seconds".into()
+            }
         }
     }
 }
@@ -489,13 +494,21 @@ static APPLIANCE_CHILDREN: [NodeSpec; 21] = [
         "A shell script run inside the image at build time, in the same sandbox as apt: \
          inline, or from a file of the workspace with `script=`.",
         args("script", string(&grammar::SCRIPT), 0, Some(1)),
-        &[prop(
-            "script",
-            string(&grammar::SOURCE_PATH),
-            "a script file, relative to the manifest's directory",
-        )],
+        &[
+            prop(
+                "script",
+                string(&grammar::SOURCE_PATH),
+                "a script file, relative to the manifest's directory",
+            ),
+            prop(
+                "timeout",
+                ValueKind::Duration,
+                "how long the script may run (default 30 minutes); then its whole sandbox is \
+                 killed and the build fails",
+            ),
+        ],
         Repeat::Many,
-        r#"run "update-ca-certificates""#,
+        r#"run "update-ca-certificates" timeout="5m""#,
     ),
     node(
         "forward",

@@ -442,6 +442,7 @@ fn example_value(kind: &ValueKind) -> String {
         ValueKind::Mode => "0o644".into(),
         ValueKind::Port => "8080".into(),
         ValueKind::Size => "\"2G\"".into(),
+        ValueKind::Duration => "\"10m\"".into(),
         ValueKind::Fraction => "0.5".into(),
         ValueKind::Id | ValueKind::Count => "1".into(),
     }
@@ -557,6 +558,30 @@ fn convert(value: &KdlValue, repr: &str, kind: &ValueKind) -> Result<Value, Prob
             )),
             _ => Err(wrong_type(value, kind, None)),
         },
+        ValueKind::Duration => {
+            let seconds = match value {
+                KdlValue::Integer(n) => u64::try_from(*n).map_err(|_| {
+                    invalid(
+                        format!("{n} is not a duration"),
+                        Some("write a duration such as \"10m\"".into()),
+                    )
+                })?,
+                KdlValue::String(s) => parse_duration(s).map_err(|e| {
+                    invalid(
+                        e,
+                        Some("write a duration such as \"30s\", \"10m\" or \"2h\"".into()),
+                    )
+                })?,
+                _ => return Err(wrong_type(value, kind, None)),
+            };
+            if !(1..=MAX_DURATION_SECS).contains(&seconds) {
+                return Err(invalid(
+                    format!("{seconds} s is outside 1 s – 7 days"),
+                    Some("write a duration such as \"10m\"".into()),
+                ));
+            }
+            Ok(Value::Int(seconds))
+        }
         ValueKind::Size => {
             let bytes = match value {
                 KdlValue::Integer(n) => u64::try_from(*n).map_err(|_| {
@@ -650,6 +675,40 @@ fn convert_mode(value: &KdlValue, repr: &str, kind: &ValueKind) -> Result<Value,
             Some("write modes in octal, such as 0o644".into()),
         )),
     }
+}
+
+/// The longest duration a manifest may give (a week): beyond it a limit is no limit.
+const MAX_DURATION_SECS: u64 = 7 * 24 * 3600;
+
+/// Parse `30s`, `10m`, `2h`, `1d` or `90` (seconds) into seconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let unit_seconds = match unit.trim() {
+        "" | "s" | "sec" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        other => {
+            return Err(format!(
+                "{} has an unknown unit {} (s, m, h or d)",
+                quote(text),
+                quote(other)
+            ));
+        }
+    };
+    if number.is_empty() || number.len() > 12 {
+        return Err(format!("{} is not a duration", quote(text)));
+    }
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{} is not a duration", quote(text)))?;
+    value
+        .checked_mul(unit_seconds)
+        .ok_or_else(|| format!("{} is too long", quote(text)))
 }
 
 /// Parse `2G`, `512M`, `2GiB`, `1.5G`, `4096` into bytes (binary multiples).

@@ -61,7 +61,13 @@ fn kernel_files(tree: &Tree) -> anyhow::Result<(String, String)> {
         .filter(|(p, e)| p.starts_with("boot/vmlinuz-") && e.kind == EntryKind::File)
         .map(|(p, _)| p.as_str())
         .collect();
-    kernels.sort();
+    // As dpkg orders versions: by string order `6.1.0-9` would beat `6.1.0-10`.
+    kernels.sort_by(|a, b| {
+        crate::packages::debian_version::compare(
+            a.trim_start_matches("boot/vmlinuz-"),
+            b.trim_start_matches("boot/vmlinuz-"),
+        )
+    });
     let Some(kernel) = kernels.last() else {
         bail!(
             "the image has no kernel in /boot; a disk output installs `linux-image-amd64` unless `kernel` names another"
@@ -230,12 +236,11 @@ pub fn write_raw(
     destination: &Path,
     reuse: Reuse,
 ) -> anyhow::Result<(DiskLayout, Written)> {
-    for program in ["mke2fs", "mkfs.vfat", "mcopy", "mmd", "sfdisk", "debugfs"] {
-        if !crate::process::available(program) {
-            bail!(
-                "`{program}` is missing: disk outputs need e2fsprogs, dosfstools, mtools and fdisk (`.ci/install-deps` installs them)"
-            );
-        }
+    if let Some(missing) = crate::process::host::describe_missing(crate::process::host::Need::Disk)
+    {
+        bail!(
+            "disk outputs need {missing}, which is not on PATH (`.ci/install-deps` installs everything cargo-appliance uses)"
+        );
     }
     let plan = plan(store, image, cmdline_extra, size)?;
     let parent = destination
@@ -380,7 +385,7 @@ fn write_full(
         derived_uuid(&image.name, "root partition"),
     );
     run_with_stdin(
-        std::process::Command::new("sfdisk")
+        crate::process::dies_with_us("sfdisk")
             .args(["--quiet", "--no-reread", "--no-tell-kernel"])
             .arg(&disk),
         &script,
@@ -557,4 +562,33 @@ pub fn write_qcow2(raw: &Path, destination: &Path) -> anyhow::Result<()> {
 /// Where the disk outputs of an appliance live.
 pub fn disk_path(dir: &Path, name: &str, format: &str) -> PathBuf {
     dir.join(format!("{name}.{format}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tree::Entry;
+
+    fn file() -> Entry {
+        Entry {
+            kind: EntryKind::File,
+            digest: Some("00".repeat(32)),
+            size: 1,
+            ..Entry::dir(0o644)
+        }
+    }
+
+    #[test]
+    fn the_newest_kernel_wins_by_dpkg_order_not_string_order() {
+        let mut tree = Tree::new();
+        for version in ["6.1.0-9-amd64", "6.1.0-10-amd64"] {
+            tree.insert(&format!("boot/vmlinuz-{version}"), file())
+                .expect("insert");
+            tree.insert(&format!("boot/initrd.img-{version}"), file())
+                .expect("insert");
+        }
+        let (kernel, initrd) = kernel_files(&tree).expect("a kernel");
+        assert_eq!(kernel, "boot/vmlinuz-6.1.0-10-amd64");
+        assert_eq!(initrd, "boot/initrd.img-6.1.0-10-amd64");
+    }
 }

@@ -48,14 +48,8 @@ pub fn sandbox_problem() -> Option<String> {
                 .into(),
         );
     }
-    for program in ["unshare", "nsenter", "chroot", "mount", "umount"] {
-        if !crate::process::available(program) {
-            return Some(format!(
-                "`{program}` is missing (Debian packages util-linux, mount, coreutils)"
-            ));
-        }
-    }
-    None
+    crate::process::host::describe_missing(crate::process::host::Need::Sandbox)
+        .map(|missing| format!("the package sandbox needs {missing}, which is not on PATH"))
 }
 
 /// A materialized image prepared for work in the sandbox; [`Sandbox::finish`] undoes the
@@ -170,19 +164,31 @@ impl Sandbox {
 
     /// [`Sandbox::run`] with host directories bind-mounted into the image for the command.
     pub fn run_with(&self, argv: &[&str], binds: &[Bind]) -> anyhow::Result<Ran> {
+        self.run_limited(argv, binds, None)
+    }
+
+    /// [`Sandbox::run_with`] that kills the whole sandbox (its PID namespace) once `limit`
+    /// has passed, failing with [`SandboxTimeout`].
+    pub fn run_limited(
+        &self,
+        argv: &[&str],
+        binds: &[Bind],
+        limit: Option<std::time::Duration>,
+    ) -> anyhow::Result<Ran> {
         let log = tempfile::tempfile().context("creating a log file")?;
-        let mut command = match self.enter.split_first() {
+        // Killed with this process: `unshare --kill-child` then ends the PID namespace.
+        let mut child = match self.enter.split_first() {
             Some((program, args)) => {
-                let mut command = std::process::Command::new(program);
+                let mut command = crate::process::dies_with_us(program);
                 command.args(args).arg("unshare");
                 command
             }
-            None => std::process::Command::new("unshare"),
+            None => crate::process::dies_with_us("unshare"),
         };
         for bind in binds {
             real_dir(&self.root, bind.inside)?;
         }
-        let status = command
+        let mut child = child
             .args([
                 "--mount",
                 "--propagation",
@@ -210,13 +216,22 @@ impl Sandbox {
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log.try_clone()?)
-            .status()
+            .spawn()
             .context("running `unshare` (util-linux)")?;
+        let status = wait_until(&mut child, limit)?;
         let mut log = log;
         let mut output = Vec::new();
         log.seek(std::io::SeekFrom::Start(0))?;
         log.read_to_end(&mut output)?;
         let output = String::from_utf8_lossy(&output).into_owned();
+        let Some(status) = status else {
+            return Err(SandboxTimeout {
+                command: argv.join(" "),
+                limit: limit.unwrap_or_default(),
+                output,
+            }
+            .into());
+        };
         if status.success() {
             Ok(Ran { output })
         } else {
@@ -246,6 +261,39 @@ impl Sandbox {
         }
         Ok(())
     }
+}
+
+/// Wait for `child`; past `limit`, SIGKILL it and return `None`. The child is `unshare
+/// --kill-child` (through setpriv and nsenter, which exec it): its death takes the PID
+/// namespace, and every process of the script in it, along.
+fn wait_until(
+    child: &mut std::process::Child,
+    limit: Option<std::time::Duration>,
+) -> anyhow::Result<Option<std::process::ExitStatus>> {
+    let Some(limit) = limit else {
+        return Ok(Some(child.wait()?));
+    };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if std::time::Instant::now() >= deadline {
+            child.kill()?;
+            child.wait()?;
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A command in the sandbox ran past its limit and was killed with its namespace.
+#[derive(Debug, thiserror::Error)]
+#[error("`{command}` ran longer than {}s inside the image and was killed", limit.as_secs())]
+pub struct SandboxTimeout {
+    pub command: String,
+    pub limit: std::time::Duration,
+    pub output: String,
 }
 
 /// A command in the sandbox failed; `output` is what it printed.

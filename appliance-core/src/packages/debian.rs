@@ -4,7 +4,7 @@
 
 use anyhow::{Context as _, bail};
 
-use crate::process::{Cmd, available};
+use crate::process::Cmd;
 use crate::store::{ImageRecord, Store};
 
 #[derive(Debug, Clone)]
@@ -31,6 +31,12 @@ pub const VARIANTS: &[&str] = &[
 /// Why mmdebstrap cannot run here, if it cannot: it needs root, or user namespaces for its
 /// `unshare` mode.
 pub fn sandbox_problem() -> Option<String> {
+    use crate::process::host::{Need, describe_missing};
+    if let Some(missing) = describe_missing(Need::BaseCreate) {
+        return Some(format!(
+            "creating a base needs {missing}, which is not on PATH; install it (`.ci/install-deps` installs everything cargo-appliance uses)"
+        ));
+    }
     if rustix::process::geteuid().is_root() {
         return None;
     }
@@ -47,8 +53,10 @@ pub fn sandbox_problem() -> Option<String> {
                 .into(),
         );
     }
-    if !available("newuidmap") {
-        return Some("creating a base without root needs `newuidmap` (Debian package uidmap); or run as root".into());
+    if let Some(missing) = describe_missing(Need::RootlessBaseCreate) {
+        return Some(format!(
+            "creating a base without root needs {missing}; install it, or run as root"
+        ));
     }
     None
 }

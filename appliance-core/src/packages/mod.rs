@@ -4,5 +4,6 @@
 
 pub mod apt;
 pub mod debian;
+pub mod debian_version;
 pub mod dpkg;
 pub mod overlay;

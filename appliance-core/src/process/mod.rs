@@ -2,9 +2,23 @@
 //! A command is a value; a failure names the program, its arguments and the tail of its
 //! stderr, so the user sees what ran and why it failed.
 
+pub mod host;
+
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+/// A [`Command`] for `program` that the kernel kills (SIGKILL) when this process dies, by
+/// SIGKILL, SIGTERM or Ctrl-C alike: `setpriv --pdeathsig KILL` sets the parent-death signal
+/// and execs the program, which keeps it (the workspace forbids the `unsafe` a `pre_exec`
+/// would need). The signal follows the thread that spawned the child, so spawn from the
+/// thread that waits for it. With the sandbox's `unshare --pid --kill-child` behind it, the
+/// whole PID namespace (a script that ignores SIGTERM as PID 1 included) goes too.
+pub fn dies_with_us(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("setpriv");
+    command.args(["--pdeathsig", "KILL", "--"]).arg(program);
+    command
+}
 
 /// Lines of stderr kept in an error.
 const STDERR_TAIL_LINES: usize = 20;
@@ -73,7 +87,18 @@ impl Cmd {
     /// [`Cmd::output`] that also returns stderr, for programs that report trouble there
     /// while exiting 0 (debugfs).
     pub fn output_and_stderr(&self) -> Result<(Vec<u8>, Vec<u8>), CmdError> {
-        let output = Command::new(&self.program)
+        // setpriv would start and then fail to exec a missing program: look it up first, so
+        // that a missing program is reported as one.
+        let name = self.program.to_string_lossy();
+        if !name.contains('/') && !available(&name) {
+            return Err(CmdError::Spawn {
+                program: name.into_owned(),
+                hint: " (not installed? `.ci/install-deps` installs what cargo-appliance needs)"
+                    .into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        let output = dies_with_us(&self.program)
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

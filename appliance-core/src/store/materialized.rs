@@ -3,11 +3,17 @@
 //! (never writes it), so one copy serves every build from that image and the base is not
 //! copied again for each one.
 //!
-//! Each copy is `cache/trees/<tree digest>/`, written under a temporary name and renamed
-//! when complete, so a copy that exists is whole. Users hold `<digest>.lock` shared while
-//! the copy is in use; eviction takes it exclusively without waiting, so a copy in use is
-//! never removed. The least recently used copies beyond [`KEEP`] are evicted whenever a new
-//! one is written; `gc` removes those of trees no image has any more and any partial ones.
+//! Each copy is `cache/trees/<tree digest>/`, whole or absent whatever moment a process dies:
+//! it is written under a temporary name and renamed into place, and then `<digest>.whole` is
+//! written; a copy is used only with its marker. Eviction removes the marker, renames the
+//! copy out of the way and only then deletes it, so a valid name never holds a partial tree
+//! (removing it in place did: a kill mid-removal left a few hundred of its thousands of
+//! entries under the real name, and every later build from that base failed in its chroot).
+//! A copy found without its marker is set aside and written again. Users hold
+//! `<digest>.lock` shared while the copy is in use; eviction takes it exclusively without
+//! waiting, so a copy in use is never removed. The least recently used copies beyond
+//! [`KEEP`] are evicted whenever a new one is written; `gc` removes those of trees no image
+//! has any more and anything set aside or partial.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +24,8 @@ use super::{LockGuard, Store, lock, open_lock_file};
 pub const KEEP: usize = 2;
 
 const PARTIAL_PREFIX: &str = ".partial-";
+/// Copies being deleted: renamed to this prefix first, so no valid name holds a partial tree.
+const DISCARD_PREFIX: &str = ".discard-";
 
 /// A materialized tree in use: it stays in the cache until this is dropped.
 #[derive(Debug)]
@@ -26,6 +34,8 @@ pub struct MaterializedTree {
     _in_use: LockGuard,
     /// Whether this call wrote it (it was not cached).
     pub written: bool,
+    /// Why a copy under the name was not used (not known to be whole), when one was found.
+    pub replaced: Option<String>,
 }
 
 impl MaterializedTree {
@@ -52,23 +62,38 @@ impl Store {
         // The lock file's mtime is the copy's last use, for eviction.
         in_use.touch()?;
         let path = dir.join(digest);
+        let marker = whole_marker(&dir, digest);
+        let mut replaced = None;
         if path.is_dir() {
-            return Ok(MaterializedTree {
-                path,
-                _in_use: in_use,
-                written: false,
-            });
+            if marker.is_file() {
+                return Ok(MaterializedTree {
+                    path,
+                    _in_use: in_use,
+                    written: false,
+                    replaced: None,
+                });
+            }
+            // Not known to be whole (a process died between its rename and its marker, or a
+            // store from before markers): set it aside and write it again. Another build may
+            // be writing the same copy: we hold the lock shared, as it does, and a rename of
+            // a directory onto an existing one fails, so the worst case is writing it twice.
+            self.discard(digest)?;
+            replaced = Some(format!(
+                "the cached materialized copy of {} was not known to be whole; writing it again",
+                &digest[..12.min(digest.len())]
+            ));
         }
         let partial = dir.join(format!("{PARTIAL_PREFIX}{digest}-{}", std::process::id()));
         if partial.exists() {
             fs_err::remove_dir_all(&partial)?;
         }
         let written = super::export::export_directory(tree, &self.objects(), &partial)
-            .and_then(|_| Ok(fs_err::rename(&partial, &path)?));
+            .and_then(|_| Ok(fs_err::rename(&partial, &path)?))
+            .and_then(|()| write_marker(&marker));
         if let Err(error) = written {
             std::fs::remove_dir_all(&partial).ok();
             // Another build may have put the same copy in place first.
-            if !path.is_dir() {
+            if !(path.is_dir() && marker.is_file()) {
                 return Err(error);
             }
         }
@@ -77,7 +102,35 @@ impl Store {
             path,
             _in_use: in_use,
             written: true,
+            replaced,
         })
+    }
+
+    /// Make the copy of `digest` invalid at once (marker first, then the name), then delete
+    /// it. A kill at any point leaves a copy without marker or a `.discard-` directory for
+    /// `gc`, never a partial tree under the digest's name.
+    fn discard(&self, digest: &str) -> anyhow::Result<()> {
+        let dir = self.trees_dir();
+        match std::fs::remove_file(whole_marker(&dir, digest)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error.into()),
+        }
+        let aside = dir.join(format!(
+            "{DISCARD_PREFIX}{digest}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        match std::fs::rename(dir.join(digest), &aside) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(error.into()),
+        }
+        crate::test_hooks::point("materialized-discard-renamed");
+        fs_err::remove_dir_all(&aside)?;
+        Ok(())
     }
 
     /// Remove the least recently used copies beyond `keep`, those not in use.
@@ -102,8 +155,15 @@ impl Store {
 
     fn materialized_digests(&self) -> anyhow::Result<Vec<String>> {
         let mut digests = Vec::new();
-        let Ok(entries) = std::fs::read_dir(self.trees_dir()) else {
-            return Ok(digests);
+        // Only a missing cache is empty: an unreadable one is an error (fsck and gc would
+        // otherwise report nothing wrong with what they cannot see).
+        let entries = match std::fs::read_dir(self.trees_dir()) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(digests),
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("reading {}", self.trees_dir().display())));
+            }
         };
         for entry in entries {
             let entry = entry?;
@@ -120,7 +180,7 @@ impl Store {
         let lock_file = open_lock_file(&self.trees_dir().join(format!("{digest}.lock")))?;
         match lock_file.try_lock() {
             Ok(()) => {
-                fs_err::remove_dir_all(self.trees_dir().join(digest))?;
+                self.discard(digest)?;
                 Ok(true)
             }
             Err(std::fs::TryLockError::WouldBlock) => Ok(false),
@@ -157,14 +217,16 @@ impl Store {
         live_trees: &std::collections::BTreeSet<String>,
     ) -> anyhow::Result<usize> {
         let mut removed = 0;
-        if let Ok(entries) = std::fs::read_dir(self.trees_dir()) {
+        let entries = match std::fs::read_dir(self.trees_dir()) {
+            Ok(entries) => Some(entries),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => return Err(error.into()),
+        };
+        if let Some(entries) = entries {
             for entry in entries {
                 let entry = entry?;
-                if entry
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(PARTIAL_PREFIX)
-                {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(PARTIAL_PREFIX) || name.starts_with(DISCARD_PREFIX) {
                     fs_err::remove_dir_all(entry.path())?;
                     removed += 1;
                 }
@@ -177,6 +239,17 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// `<digest>.whole`: written after the copy is in place, removed before it goes.
+fn whole_marker(dir: &Path, digest: &str) -> PathBuf {
+    dir.join(format!("{digest}.whole"))
+}
+
+fn write_marker(marker: &Path) -> anyhow::Result<()> {
+    // Empty, so a torn write cannot make it say something else; its existence is the fact.
+    fs_err::File::create(marker)?;
+    Ok(())
 }
 
 /// Where the directory `root` differs from `tree`, if it does: every entry's kind, mode,

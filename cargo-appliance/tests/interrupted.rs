@@ -1,0 +1,192 @@
+//! Builds that are stopped: a `run` script past its `timeout=`, and a build ended by SIGTERM
+//! (as `timeout`, CI runners and supervisors do) or SIGKILL while a script runs. Nothing of
+//! the build may keep running, and the store must be as it was. Needs root (the sandbox).
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+mod support;
+use support::{binary, is_root};
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+}
+
+struct Setup {
+    work: tempfile::TempDir,
+}
+
+impl Setup {
+    /// A store with the minbase image, and a workspace whose one appliance runs `script`.
+    fn new(script: &str) -> Self {
+        assert!(is_root(), "the sandbox tests need root (see README)");
+        let work = tempfile::tempdir().expect("temp dir");
+        let setup = Self { work };
+        let tarball = support::minbase_tarball();
+        let output = setup
+            .command(&["image", "import", "debian/bookworm"])
+            .arg(&tarball)
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{output:?}");
+        let ws = setup.workspace();
+        write(
+            &ws.join("Cargo.toml"),
+            "[package]\nname = \"tool\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+        );
+        write(&ws.join("src/main.rs"), "fn main() {}\n");
+        write(
+            &ws.join("appliance.kdl"),
+            &format!(
+                "appliance \"stopped\" {{\n    base \"debian/bookworm\"\n    {script}\n    output \"tar\"\n}}\n"
+            ),
+        );
+        setup
+    }
+
+    fn workspace(&self) -> std::path::PathBuf {
+        self.work.path().join("ws")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = binary();
+        command
+            .current_dir(self.work.path())
+            .arg("--store")
+            .arg(self.work.path().join("store"))
+            .args(args)
+            .env("CARGO_TARGET_DIR", self.work.path().join("target"));
+        command
+    }
+
+    fn images(&self) -> String {
+        let output = self
+            .command(&["images", "--message-format", "json"])
+            .output()
+            .expect("runs");
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn fsck_is_clean(&self) {
+        let output = self.command(&["fsck"]).output().expect("runs");
+        assert!(
+            output.status.success(),
+            "fsck: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn build(&self) -> Command {
+        let manifest = self.workspace().join("Cargo.toml");
+        let mut command = self.command(&["build", "--manifest-path"]);
+        command.arg(manifest);
+        command
+    }
+
+    fn spawn_build(&self) -> Child {
+        self.build()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the build starts")
+    }
+}
+
+/// PIDs whose command line contains `marker`, other than a pgrep of it.
+fn processes_with(marker: &str) -> Vec<String> {
+    let output = Command::new("pgrep")
+        .args(["-f", marker])
+        .output()
+        .expect("pgrep runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_script_past_its_timeout_fails_the_build_naming_the_node_and_the_limit() {
+    let marker = format!("busy-loop-{}", std::process::id());
+    let setup = Setup::new(&format!(
+        "run \"sh -c 'while true; do :; done' {marker}\" timeout=\"5s\""
+    ));
+    let before = setup.images();
+    let started = Instant::now();
+    let output: Output = setup.build().output().expect("runs");
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_secs(5),
+        "the limit was not waited for: {elapsed:?}"
+    );
+    assert!(stderr.contains("appliance::run-timeout"), "{stderr}");
+    assert!(stderr.contains("limit of 5s"), "{stderr}");
+    assert!(
+        stderr.contains("timeout=\"5s\""),
+        "the node is shown: {stderr}"
+    );
+    wait_for("the loop ends", Duration::from_secs(5), || {
+        processes_with(&marker).is_empty()
+    });
+    assert_eq!(setup.images(), before, "nothing was stored");
+    setup.fsck_is_clean();
+}
+
+fn stopped_by(signal: &str) {
+    let marker = format!("1000{}{}", std::process::id(), signal.len());
+    // `sleep` as a child of the script's shell: SIGTERM to the build must still end both.
+    let setup = Setup::new(&format!("run \"sleep {marker}; true\""));
+    let before = setup.images();
+    let mut build = setup.spawn_build();
+    wait_for("the script starts", Duration::from_secs(120), || {
+        !processes_with(&format!("sleep {marker}")).is_empty()
+    });
+    let store = setup.work.path().join("store");
+    let store_marker = store.to_string_lossy().into_owned();
+    let killed = Command::new("kill")
+        .args([&format!("-{signal}"), &build.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = build.wait().expect("wait");
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        let expected = if signal == "TERM" { 15 } else { 9 };
+        // A shell reports this as exit status 128 + the signal: 143 for SIGTERM, 137 for SIGKILL.
+        assert_eq!(status.signal(), Some(expected), "{status:?}");
+    }
+    wait_for(
+        "every process of the build ends",
+        Duration::from_secs(5),
+        || {
+            processes_with(&format!("sleep {marker}")).is_empty()
+                && processes_with(&store_marker).is_empty()
+        },
+    );
+    assert_eq!(setup.images(), before, "the store is unchanged");
+    setup.fsck_is_clean();
+}
+
+#[test]
+fn sigterm_of_a_build_ends_its_sandbox_and_script() {
+    stopped_by("TERM");
+}
+
+#[test]
+fn sigkill_of_a_build_ends_its_sandbox_and_script() {
+    stopped_by("KILL");
+}
