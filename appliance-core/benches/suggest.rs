@@ -47,9 +47,10 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let (_, pattern, _) = stats::sql_scope(&conn, "debian/bookworm")?;
         let scoped = started.elapsed();
+        let excluding = ["web".to_owned()];
         let scope = stats::Scope {
             pattern: &pattern,
-            excluding_appliance: Some("web"),
+            excluding: &excluding,
         };
         let ranked = stats::sql_suggest(&conn, scope, &known, 5)?;
         let total = started.elapsed();

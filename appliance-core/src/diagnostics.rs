@@ -116,7 +116,7 @@ pub struct Diagnostic {
     /// The appliance the diagnostic concerns, when there is one.
     pub appliance: Option<String>,
     /// For suggestions: kind, subject, score, rank and evidence.
-    pub suggestion: Option<crate::history::suggest::SuggestionInfo>,
+    pub suggestion: Option<SuggestionInfo>,
 }
 
 impl Diagnostic {
@@ -256,7 +256,51 @@ pub struct Message<'a> {
     pub help: Option<&'a str>,
     pub appliance: Option<&'a str>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub suggestion: Option<&'a crate::history::suggest::SuggestionInfo>,
+    pub suggestion: Option<&'a SuggestionInfo>,
+}
+
+/// What a suggestion carries in `--message-format json`, beside the diagnostic fields. Part
+/// of this leaf module (not of the history that computes it) so that every layer can speak
+/// of suggestions without depending on how they are found.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SuggestionInfo {
+    pub kind: String,
+    pub subject: String,
+    pub score: f64,
+    pub rank: usize,
+    pub scope: String,
+    #[serde(flatten)]
+    pub evidence: Evidence,
+    /// The manifest edit that applies the suggestion, when it can be made by machine (as
+    /// rustc's suggestions carry theirs for `cargo fix`); `suggest --apply KEY` makes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<Edit>,
+}
+
+/// Support, confidence and lift of a change, from SQL over the history.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Evidence {
+    /// Derivations in scope (from the base, or its family).
+    pub scope_total: i64,
+    /// Of those, how many have the change.
+    pub scope_with: i64,
+    /// The known change that best predicts this one, with its counts.
+    pub given: Option<String>,
+    pub given_total: i64,
+    pub given_with: i64,
+    pub support: f64,
+    pub confidence: f64,
+    pub lift: f64,
+}
+
+/// Replace `len` bytes at `offset` of `file` with `replacement` (an insertion when `len` is 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Edit {
+    /// The manifest, as shown in diagnostics (relative to the workspace root).
+    pub file: String,
+    pub offset: usize,
+    pub len: usize,
+    pub replacement: String,
 }
 
 /// Adapter from our diagnostic to miette's rendering traits.

@@ -190,3 +190,84 @@ fn sigterm_of_a_build_ends_its_sandbox_and_script() {
 fn sigkill_of_a_build_ends_its_sandbox_and_script() {
     stopped_by("KILL");
 }
+
+/// A build SIGKILLed at the worst moment of a cache eviction (the copy renamed aside, not yet
+/// deleted): the store is whole, nothing half is listed, and the next build, which needs the
+/// evicted copy's tree again, succeeds.
+#[test]
+fn a_build_killed_while_evicting_a_cached_tree_leaves_the_store_whole() {
+    let setup = Setup::new("packages \"htop\"");
+    // A second appliance whose package step starts from the first's image: with a cache of
+    // one tree, materializing it evicts the base's copy.
+    let manifest = setup.workspace().join("appliance.kdl");
+    let text = std::fs::read_to_string(&manifest).expect("read");
+    std::fs::write(
+        &manifest,
+        format!("{text}\nappliance \"derived\" {{\n    base appliance=\"stopped\"\n    packages \"tree\"\n    output \"tar\"\n}}\n"),
+    )
+    .expect("write");
+    let killed = setup
+        .build()
+        .env("APPLIANCE_CACHED_TREES", "1")
+        .env("APPLIANCE_FAULT_KILL_AT", "materialized-discard-renamed")
+        .output()
+        .expect("runs");
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(
+            killed.status.signal(),
+            Some(9),
+            "the hook killed the build: {}",
+            String::from_utf8_lossy(&killed.stderr)
+        );
+    }
+    setup.fsck_is_clean();
+    let images = setup.images();
+    assert!(images.contains("\"name\":\"stopped\""), "{images}");
+    assert!(!images.contains("\"name\":\"derived\""), "{images}");
+    let trees = setup.work.path().join("store/cache/trees");
+    let aside: Vec<String> = std::fs::read_dir(&trees)
+        .expect("cache")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".discard-"))
+        .collect();
+    assert_eq!(
+        aside.len(),
+        1,
+        "the evicted copy was set aside, not half deleted"
+    );
+
+    let output = setup
+        .build()
+        .env("APPLIANCE_CACHED_TREES", "1")
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Another package step after the kill, with the cache of one tree still evicting.
+    std::fs::write(&manifest, text.replace("\"htop\"", "\"htop\" \"less\"")).expect("write");
+    let output = setup
+        .build()
+        .env("APPLIANCE_CACHED_TREES", "1")
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    setup.fsck_is_clean();
+    let output = setup.command(&["gc"]).output().expect("runs");
+    assert!(output.status.success());
+    let left: Vec<String> = std::fs::read_dir(&trees)
+        .expect("cache")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".discard-"))
+        .collect();
+    assert!(left.is_empty(), "gc removed what was set aside: {left:?}");
+}

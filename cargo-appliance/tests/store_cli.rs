@@ -656,6 +656,7 @@ fn a_full_disk_during_an_import_is_a_clear_error_and_the_store_stays_consistent(
         .args(["--mount", "--propagation", "private", "sh", "-c", script])
         .env("DISK", &mount_point)
         .env("BIN", env!("CARGO_BIN_EXE_cargo-appliance"))
+        .env("APPLIANCE_NO_SEED", "1")
         .env("SMALL", &small)
         .env("BIG", &big)
         .env("OUT", &results)

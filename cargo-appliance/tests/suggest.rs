@@ -15,6 +15,8 @@ fn run(store: &Path, dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(dir)
         .env("NO_COLOR", "1")
+        // The history is the fixture's alone.
+        .env("APPLIANCE_NO_SEED", "1")
         .env_remove("CARGO_TARGET_DIR")
         .output()
         .expect("the binary runs")
@@ -263,4 +265,88 @@ fn a_young_store_makes_no_suggestion_from_one_or_two_images() {
         subjects(&["--min-images", "2"]).contains(&"vim".to_owned()),
         "the threshold is the user's"
     );
+}
+
+/// The binary as a user runs it: a new store gets the seed history.
+fn run_seeded(store: &Path, dir: &Path, args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_cargo-appliance"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("APPLIANCE_NO_SEED")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("the binary runs");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+#[test]
+fn a_fresh_store_suggests_from_the_seed_history_until_it_is_removed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("etc")).expect("mkdir");
+    std::fs::write(rootfs.join("etc/os-release"), "ID=debian\n").expect("write");
+    let imported = run_seeded(
+        &store,
+        dir.path(),
+        &[
+            "image",
+            "import",
+            "debian/bookworm",
+            rootfs.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&imported.stderr).contains("Seeded"),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let origins = run_seeded(&store, dir.path(), &["history"]);
+    assert_eq!(String::from_utf8_lossy(&origins.stdout), "   21682 seed\n");
+
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(ws.join("src")).expect("mkdir");
+    std::fs::write(
+        ws.join("Cargo.toml"),
+        "[package]\nname = \"site\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )
+    .expect("write");
+    std::fs::write(ws.join("src/main.rs"), "fn main() {}\n").expect("write");
+    std::fs::write(
+        ws.join("appliance.kdl"),
+        "appliance \"site\" {\n    base \"debian/bookworm\"\n    packages \"nginx\"\n}\n",
+    )
+    .expect("write");
+    let suggestions = |store: &Path| -> Vec<serde_json::Value> {
+        let output = run_seeded(store, &ws, &["suggest", "--message-format", "json"]);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON"))
+            .filter(|m| m["code"] == "appliance::suggestion")
+            .collect()
+    };
+    let found = suggestions(&store);
+    assert!(found.len() >= 3, "{found:#?}");
+    for suggestion in &found {
+        let help = suggestion["help"].as_str().expect("help");
+        assert!(help.contains("public Debian-based images"), "{help}");
+        assert!(suggestion["scope_with"].as_i64() >= Some(3), "{suggestion}");
+        assert!(suggestion["subject"] != "nginx", "{suggestion}");
+    }
+
+    run_seeded(&store, dir.path(), &["history", "rm", "--origin", "seed"]);
+    let origins = run_seeded(&store, dir.path(), &["history"]);
+    assert!(
+        String::from_utf8_lossy(&origins.stdout).starts_with("no history"),
+        "the seed is gone, and opening the store again does not bring it back"
+    );
+    assert!(suggestions(&store).is_empty());
 }

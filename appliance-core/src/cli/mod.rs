@@ -104,9 +104,8 @@ pub enum Command {
     Fsck(FsckArgs),
     /// Suggest what the appliances probably miss, learnt from the derivation history
     Suggest(SuggestArgs),
-    /// Import, export or evaluate the derivation history
-    #[command(subcommand)]
-    History(HistoryCommand),
+    /// The derivation history: without a subcommand, its origins with their counts
+    History(HistoryArgs),
     /// Typed changes from one stored image to another
     Diff {
         /// The parent (or older) image
@@ -133,10 +132,25 @@ pub struct SuggestArgs {
     /// Hide suggestions fewer images than this made
     #[arg(long, default_value_t = crate::history::suggest::DEFAULT_MIN_IMAGES)]
     pub min_images: i64,
+    /// Apply this suggestion to the manifest in place (KEY as its help line shows it, e.g.
+    /// `package-added:ca-certificates`); repeatable
+    #[arg(long, value_name = "KEY")]
+    pub apply: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(subcommand)]
+    pub command: Option<HistoryCommand>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum HistoryCommand {
+    /// Remove the derivations of one origin (`seed`, `store`, `import:FILE`), as `history` lists them
+    Rm {
+        #[arg(long, value_name = "ORIGIN")]
+        origin: String,
+    },
     /// Add derivations from JSON Lines (optionally .zst; corpus records are converted) or Parquet
     Import { file: PathBuf },
     /// Write the history as JSON Lines (`-` for stdout), or Parquet when FILE ends in .parquet
@@ -422,6 +436,15 @@ fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
         }
     };
     match crate::history::suggest::suggest(&store, &report, &suggest_options) {
+        Ok(diagnostics) if !args.apply.is_empty() => {
+            match apply_suggestions(global, &diagnostics, &args.apply) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    report_error(global, &error);
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Ok(diagnostics) => {
             if diagnostics.is_empty()
                 && global.message_format == MessageFormat::Human
@@ -440,6 +463,43 @@ fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `suggest --apply KEY…`: make the suggestions' edits in their manifests. Each edited text
+/// must still parse without errors before it replaces the file (by rename, so a reader sees
+/// the old manifest or the new one).
+fn apply_suggestions(
+    global: &GlobalArgs,
+    diagnostics: &[Diagnostic],
+    keys: &[String],
+) -> anyhow::Result<()> {
+    let by_file = crate::history::apply::select(diagnostics, keys)?;
+    for (path, edits) in &by_file {
+        let text = fs_err::read_to_string(path)?;
+        let edited = crate::history::apply::apply_edits(&text, edits)
+            .with_context(|| format!("editing {}", path.display()))?;
+        let display = edits
+            .first()
+            .map_or_else(|| path.display().to_string(), |e| e.file.clone());
+        let source = crate::diagnostics::SourceFile::new(path, display.clone(), edited.clone());
+        let (_, problems) = crate::manifest::parse::parse_manifest(&source);
+        if problems.iter().any(Diagnostic::is_error) {
+            emit(global, &problems);
+            anyhow::bail!("the edited {display} would not parse; it was left as it was");
+        }
+        let temp = path.with_extension("kdl.applying");
+        fs_err::write(&temp, &edited)?;
+        fs_err::rename(&temp, path)?;
+        if !global.quiet && global.message_format == MessageFormat::Human {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "{:>12} {} to {display}",
+                "Applied",
+                plural(edits.len(), "suggestion")
+            );
+        }
+    }
+    Ok(())
 }
 
 fn run_check(global: &GlobalArgs, args: &CheckArgs) -> ExitCode {

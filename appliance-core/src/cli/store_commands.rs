@@ -6,7 +6,8 @@ use anyhow::Context as _;
 
 use crate::cli::printer::{outln, print_json, status_line};
 use crate::cli::{
-    BaseCommand, Command, GlobalArgs, HistoryCommand, ImageCommand, MessageFormat, plural,
+    BaseCommand, Command, GlobalArgs, HistoryArgs, HistoryCommand, ImageCommand, MessageFormat,
+    plural,
 };
 use crate::history;
 use crate::packages::debian::{BaseRequest, create_base};
@@ -17,7 +18,24 @@ pub(crate) fn open_store(global: &GlobalArgs) -> anyhow::Result<Store> {
         Some(dir) => dir.clone(),
         None => default_store_dir()?,
     };
-    Store::open(&dir)
+    let store = Store::open(&dir)?;
+    // A new store starts with the seed history, so its first suggestions have evidence.
+    let needed = history::seed::needed(store.read_catalog()?.connection())?;
+    if needed {
+        let mut catalog = store.write_catalog()?;
+        let count =
+            history::seed::ensure(catalog.connection_mut()).context("seeding the history")?;
+        if count > 0 {
+            status(
+                global,
+                "Seeded",
+                &format!(
+                    "the history with {count} derivations of public images (`history rm --origin seed` removes them)"
+                ),
+            );
+        }
+    }
+    Ok(store)
 }
 
 fn status(global: &GlobalArgs, verb: &str, what: &str) {
@@ -255,7 +273,9 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
             }
         }
         Command::Suggest(_) => unreachable!("suggest is dispatched by cli::run"),
-        Command::History(HistoryCommand::Import { file }) => {
+        Command::History(HistoryArgs {
+            command: Some(HistoryCommand::Import { file }),
+        }) => {
             let mut catalog = store.write_catalog()?;
             let derivations = history::read_file(catalog.connection(), file)?;
             let origin = format!("import:{}", file.display());
@@ -270,7 +290,9 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::History(HistoryCommand::Export { file }) => {
+        Command::History(HistoryArgs {
+            command: Some(HistoryCommand::Export { file }),
+        }) => {
             let catalog = store.read_catalog()?;
             let count = history::export(catalog.connection(), file)?;
             if file.as_os_str() == "-" {
@@ -285,7 +307,45 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::History(HistoryCommand::Rebuild) => {
+        Command::History(HistoryArgs { command: None }) => {
+            let origins = history::origins(store.read_catalog()?.connection())?;
+            if json {
+                for (origin, derivations) in &origins {
+                    print_json(&serde_json::json!({"origin": origin, "derivations": derivations}))?;
+                }
+            } else if origins.is_empty() {
+                outln!("no history (`history import FILE` adds some; builds add theirs)")?;
+            } else {
+                for (origin, derivations) in &origins {
+                    outln!("{derivations:>8} {origin}")?;
+                }
+            }
+        }
+        Command::History(HistoryArgs {
+            command: Some(HistoryCommand::Rm { origin }),
+        }) => {
+            let mut catalog = store.write_catalog()?;
+            let values: [&dyn duckdb::ToSql; 1] = [origin];
+            let removed = history::remove(catalog.connection_mut(), "origin = ?", &values)?;
+            if json {
+                print_json(&serde_json::json!({"removed": removed, "origin": origin}))?;
+            } else if removed == 0 {
+                status(
+                    global,
+                    "Removed",
+                    &format!("nothing: no derivation has origin `{origin}`"),
+                );
+            } else {
+                status(
+                    global,
+                    "Removed",
+                    &format!("{} of origin `{origin}`", plural(removed, "derivation")),
+                );
+            }
+        }
+        Command::History(HistoryArgs {
+            command: Some(HistoryCommand::Rebuild),
+        }) => {
             let count = store.rebuild_history()?;
             if json {
                 print_json(&serde_json::json!({"derivations": count}))?;
@@ -307,7 +367,9 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 print_diff(&entries)?;
             }
         }
-        Command::History(HistoryCommand::Evaluate { file }) => {
+        Command::History(HistoryArgs {
+            command: Some(HistoryCommand::Evaluate { file }),
+        }) => {
             let derivations = match file {
                 Some(file) => {
                     let conn = duckdb::Connection::open_in_memory()?;

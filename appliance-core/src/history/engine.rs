@@ -70,7 +70,7 @@ impl std::fmt::Debug for Index {
 /// Which derivations count for a base, and the support counts within them.
 #[derive(Debug)]
 pub struct ScopeData {
-    /// What the scope is, for messages: `debian/bookworm` or `debian/*` or `all images`.
+    /// What the scope is, for messages: `debian/bookworm` or `debian/*` or `any base`.
     pub label: String,
     /// The SQL LIKE pattern selecting the same parents.
     pub pattern: String,
@@ -167,14 +167,14 @@ impl Index {
                 )
             } else {
                 (
-                    "all images".to_owned(),
+                    "any base".to_owned(),
                     "%".to_owned(),
                     vec![true; self.rows.len()],
                 )
             }
         } else {
             (
-                "all images".to_owned(),
+                "any base".to_owned(),
                 "%".to_owned(),
                 vec![true; self.rows.len()],
             )
@@ -495,6 +495,6 @@ mod tests {
             ("debian/*", "debian/%", 26)
         );
         let other = index.scope("alpine/3.19");
-        assert_eq!(other.label, "all images");
+        assert_eq!(other.label, "any base");
     }
 }

@@ -7,8 +7,10 @@
 //!   lift) in SQL over the tables, so what the user reads is what the database says;
 //! - [`suggest`]: manifests to help diagnostics.
 
+pub mod apply;
 pub mod corpus;
 pub mod engine;
+pub mod seed;
 pub mod stats;
 pub mod suggest;
 
@@ -115,6 +117,60 @@ pub static CHANGE_KINDS: &[(&str, &str)] = &[
     ("port-exposed", "a port the image serves"),
     ("hostname", "the host name set"),
 ];
+
+/// Files the build writes itself for every appliance of a kind: hostnames, networking for
+/// disk outputs, boot, machine identity, and the account databases (whose entries are
+/// `user-added`/`group-added` already). A change to one of them is plumbing, not a choice.
+const PLUMBING_PATHS: &[&str] = &[
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/machine-id",
+    "/var/lib/dbus/machine-id",
+    "/etc/kernel/cmdline",
+    "/etc/systemd/network/80-appliance-dhcp.network",
+    "/etc/passwd",
+    "/etc/passwd-",
+    "/etc/group",
+    "/etc/group-",
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/subuid",
+    "/etc/subgid",
+];
+
+/// Directories whose content the build or the boot packages write (the ESP, kernels).
+const PLUMBING_DIRS: &[&str] = &["/boot/", "/efi/"];
+
+/// Units the build enables for disk outputs (systemd-networkd answers QEMU's DHCP), with the
+/// aliases and companions `systemctl enable` links for them.
+const PLUMBING_UNITS: &[&str] = &[
+    "systemd-networkd.service",
+    "systemd-networkd.socket",
+    "systemd-networkd-wait-online.service",
+    "systemd-network-generator.service",
+    "dbus-org.freedesktop.network1.service",
+];
+
+/// Whether a change is a choice someone made, worth learning from and suggesting. Not the
+/// build's own plumbing ([`PLUMBING_PATHS`], [`PLUMBING_DIRS`], [`PLUMBING_UNITS`]), and not
+/// values unique to one appliance: a hostname or kernel command line suggested as a literal
+/// would tell the next appliance to take another one's name.
+pub fn is_choice(change: &Change) -> bool {
+    match change.kind.as_str() {
+        "hostname" | "kernel-cmdline" => false,
+        "service-enabled" | "service-disabled" => {
+            !PLUMBING_UNITS.contains(&change.subject.as_str())
+        }
+        "config-changed" | "file-added" | "file-changed" | "file-removed" => {
+            let path = change.subject.as_str();
+            !PLUMBING_PATHS.contains(&path)
+                && !PLUMBING_DIRS.iter().any(|dir| path.starts_with(dir))
+        }
+        _ => true,
+    }
+}
 
 /// Insert derivations in one transaction; returns how many.
 pub fn insert(
@@ -233,31 +289,44 @@ pub fn read_file(conn: &Connection, path: &Path) -> anyhow::Result<Vec<Derivatio
     } else {
         Box::new(file)
     };
+    read_jsonl(reader, &path.display().to_string())
+}
+
+/// Derivations from JSON Lines (ours or corpus records); `label` names the source in errors.
+pub(crate) fn read_jsonl(reader: impl Read, label: &str) -> anyhow::Result<Vec<Derivation>> {
     let mut derivations = Vec::new();
     for (number, line) in BufReader::new(reader).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        let line = line.with_context(|| format!("reading {label}"))?;
         if line.trim().is_empty() {
             continue;
         }
         let value: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), number + 1))?;
+            .with_context(|| format!("{label}:{}: not JSON", number + 1))?;
         let derivation = if value.get("changes").is_some() {
             serde_json::from_value(value)
-                .with_context(|| format!("{}:{}: not a derivation", path.display(), number + 1))?
+                .with_context(|| format!("{label}:{}: not a derivation", number + 1))?
         } else if value.get("packages_added").is_some() {
-            corpus::convert(&value).with_context(|| {
-                format!("{}:{}: not a corpus record", path.display(), number + 1)
-            })?
+            corpus::convert(&value)
+                .with_context(|| format!("{label}:{}: not a corpus record", number + 1))?
         } else {
             bail!(
-                "{}:{}: neither a derivation nor a corpus record",
-                path.display(),
+                "{label}:{}: neither a derivation nor a corpus record",
                 number + 1
             );
         };
         derivations.push(derivation);
     }
     Ok(derivations)
+}
+
+/// How many derivations each origin contributed (`seed`, `store`, `import:FILE`…).
+pub fn origins(conn: &Connection) -> anyhow::Result<Vec<(String, i64)>> {
+    let mut statement =
+        conn.prepare("SELECT origin, count(*) FROM derivations GROUP BY origin ORDER BY origin")?;
+    let rows = statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
 }
 
 fn read_parquet(conn: &Connection, path: &Path) -> anyhow::Result<Vec<Derivation>> {

@@ -11,25 +11,10 @@ use std::collections::BTreeMap;
 
 use anyhow::Context as _;
 use duckdb::{Connection, params, params_from_iter, types::Value};
-use serde::{Deserialize, Serialize};
 
 use super::{Change, engine};
 
-/// Support, confidence and lift of a change, from SQL over the history.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Evidence {
-    /// Derivations in scope (from the base, or its family).
-    pub scope_total: i64,
-    /// Of those, how many have the change.
-    pub scope_with: i64,
-    /// The known change that best predicts this one, with its counts.
-    pub given: Option<String>,
-    pub given_total: i64,
-    pub given_with: i64,
-    pub support: f64,
-    pub confidence: f64,
-    pub lift: f64,
-}
+pub use crate::diagnostics::Evidence;
 
 /// A ranked change and its evidence.
 #[derive(Debug, Clone)]
@@ -43,16 +28,18 @@ pub struct Ranked {
 pub struct Scope<'a> {
     /// Parents matching this SQL LIKE pattern (see [`sql_scope`]).
     pub pattern: &'a str,
-    /// Leave out the images of this appliance (`web@3`, `web/packages@2`): its
-    /// suggestions must not count its own earlier builds.
-    pub excluding_appliance: Option<&'a str>,
+    /// Leave out the images of these appliances (`web@3`, `web/packages@2`): an appliance's
+    /// suggestions must not count its own builds, nor those of the appliances it derives
+    /// from or that derive from it (`web-debug` adding curl is no evidence that `web`
+    /// needs curl).
+    pub excluding: &'a [String],
 }
 
 impl<'a> Scope<'a> {
     pub fn parents(pattern: &'a str) -> Self {
         Self {
             pattern,
-            excluding_appliance: None,
+            excluding: &[],
         }
     }
 }
@@ -116,7 +103,7 @@ impl Query {
             )
             .value(scope.pattern.to_owned())
             .text(" ESCAPE '\\'");
-        if let Some(appliance) = scope.excluding_appliance {
+        for appliance in scope.excluding {
             // Plain prefixes, not a regex: this runs on every derivation.
             query
                 .text(" AND NOT (starts_with(child, ")
@@ -125,6 +112,14 @@ impl Query {
                 .value(format!("{appliance}/"))
                 .text(") AND contains(child, '@')))");
         }
+        // The store's own builds count per appliance, not per image: its latest build only
+        // (a rebuild is not another image that made the same choice), and never the
+        // intermediate step images (`web/packages@2`), which are part of one build.
+        query.text(
+            " AND (origin <> 'store' OR (NOT contains(split_part(child, '@', 1), '/')
+                   AND id IN (SELECT max(id) FROM derivations WHERE origin = 'store'
+                              GROUP BY parent, split_part(child, '@', 1))))",
+        );
         query.text(
             "),
              scope_size AS (SELECT count(*) AS n FROM scope),
@@ -333,7 +328,44 @@ pub fn sql_scope(conn: &Connection, base: &str) -> anyhow::Result<(String, Strin
     {
         return Ok((label, pattern, family_size));
     }
-    Ok(("all images".to_owned(), "%".to_owned(), all))
+    Ok(("any base".to_owned(), "%".to_owned(), all))
+}
+
+/// How the scope's derivations divide by origin: (from the seed history, from elsewhere).
+pub fn scope_origins(conn: &Connection, pattern: &str) -> anyhow::Result<(i64, i64)> {
+    Ok(conn.query_row(
+        "SELECT count(*) FILTER (WHERE origin = ?), count(*) FILTER (WHERE origin <> ?)
+         FROM derivations WHERE parent LIKE ? ESCAPE '\\'",
+        params![super::seed::ORIGIN, super::seed::ORIGIN, pattern],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?)
+}
+
+/// The words for the images a scope counts, by where they come from: "public Debian-based
+/// images" (all from the seed), "images derived from debian/bookworm" (none), or both.
+pub fn scope_phrase(label: &str, seed: i64, other: i64) -> String {
+    let public = match label.strip_suffix("/*") {
+        Some(family) => {
+            let mut chars = family.chars();
+            let capitalised: String = chars
+                .next()
+                .map(|first| first.to_uppercase().chain(chars).collect())
+                .unwrap_or_default();
+            format!("public {capitalised}-based images")
+        }
+        None if label == "any base" => "public images".to_owned(),
+        None => format!("public images derived from {label}"),
+    };
+    let derived = if label == "any base" {
+        "images".to_owned()
+    } else {
+        format!("images derived from {label}")
+    };
+    match (seed, other) {
+        (_, 0) if seed > 0 => public,
+        (0, _) => derived,
+        _ => format!("{derived} ({seed} public, {other} of this store)"),
+    }
 }
 
 /// The ranking of [`engine`], computed by DuckDB over the history tables: neighbours
@@ -470,9 +502,10 @@ mod tests {
                 })
                 .collect();
             let conn = database(&derivations);
+            let excluding = [appliance.to_owned()];
             let scope = Scope {
                 pattern: "debian/bookworm",
-                excluding_appliance: Some(appliance),
+                excluding: &excluding,
             };
             let evidence =
                 evidence_for(&conn, scope, &[Change::new("package-added", "nginx")], &[])

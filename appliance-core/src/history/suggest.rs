@@ -38,17 +38,7 @@ impl Default for SuggestOptions {
     }
 }
 
-/// What a suggestion carries in `--message-format json`, beside the diagnostic fields.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SuggestionInfo {
-    pub kind: String,
-    pub subject: String,
-    pub score: f64,
-    pub rank: usize,
-    pub scope: String,
-    #[serde(flatten)]
-    pub evidence: Evidence,
-}
+pub use crate::diagnostics::SuggestionInfo;
 
 /// The changes an appliance declares, with where each is declared.
 pub fn known_changes(appliance: &Appliance) -> Vec<(Change, Span)> {
@@ -135,6 +125,37 @@ fn resolve_base<'a>(
     (None, inherited)
 }
 
+/// The appliance and every appliance of the workspace it derives from or that derives from
+/// it (directly or not): the images whose evidence would be its own.
+fn lineage(appliance: &Appliance, all: &BTreeMap<&str, &Appliance>) -> Vec<String> {
+    let ancestors = |start: &Appliance| -> Vec<String> {
+        let mut names = Vec::new();
+        let mut current = start;
+        for _ in 0..=all.len() {
+            let Some(BaseRef::Appliance { name }) = current.base.as_ref().map(|b| &b.value) else {
+                break;
+            };
+            names.push(name.value.clone());
+            match all.get(name.value.as_str()) {
+                Some(parent) => current = parent,
+                None => break,
+            }
+        }
+        names
+    };
+    let own = &appliance.name.value;
+    let mut names = vec![own.clone()];
+    names.extend(ancestors(appliance));
+    for (name, other) in all {
+        if *name != own && ancestors(other).contains(own) {
+            names.push((*name).to_owned());
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn message(change: &Change) -> String {
     let subject = &change.subject;
     match change.kind.as_str() {
@@ -164,7 +185,7 @@ fn verb(kind: &str) -> &'static str {
 
 fn explain(change: &Change, scope: &str, evidence: &Evidence) -> String {
     let mut text = format!(
-        "{} of {} images derived from {scope} also {} {}",
+        "{} of {} {scope} also {} {}",
         evidence.scope_with,
         evidence.scope_total,
         verb(&change.kind),
@@ -319,14 +340,19 @@ fn compute(
             .min_confidence
             .unwrap_or(options.min_confidence);
         let (scope_label, scope_pattern, _) = sql_scope(conn, &base)?;
+        let (seed, other) = super::stats::scope_origins(conn, &scope_pattern)?;
+        let phrase = super::stats::scope_phrase(&scope_label, seed, other);
+        let excluding = lineage(appliance, &all);
         let scope = Scope {
             pattern: &scope_pattern,
-            excluding_appliance: Some(&appliance.name.value),
+            excluding: &excluding,
         };
         let candidates = sql_suggest(conn, scope, &known, limit * 4 + ignored.len())?
             .into_iter()
             .filter(|ranked| {
-                !ignored.contains(&ranked.scored.change.key().as_str())
+                // Histories recorded before the rule (or imported) may still hold plumbing.
+                super::is_choice(&ranked.scored.change)
+                    && !ignored.contains(&ranked.scored.change.key().as_str())
                     && !covered_by_copies(appliance, &ranked.scored.change)
             });
         let mut rank = 0;
@@ -344,7 +370,7 @@ fn compute(
             found.push(Found {
                 appliance: appliance.name.value.clone(),
                 change: scored.change.clone(),
-                scope: scope_label.clone(),
+                scope: phrase.clone(),
                 info: SuggestionInfo {
                     kind: scored.change.kind.clone(),
                     subject: scored.change.subject.clone(),
@@ -352,6 +378,7 @@ fn compute(
                     rank,
                     scope: scope_label.clone(),
                     evidence,
+                    edit: None,
                 },
             });
         }
@@ -364,10 +391,20 @@ fn suggestion_diagnostic(
     appliance: &Appliance,
     change: &Change,
     scope: &str,
-    info: SuggestionInfo,
+    mut info: SuggestionInfo,
 ) -> Diagnostic {
+    info.edit = super::apply::edit_for(file, appliance, change);
+    let apply = if info.edit.is_some() {
+        format!(
+            "; apply with `cargo appliance suggest -a {} --apply {}`",
+            appliance.name.value,
+            change.key()
+        )
+    } else {
+        String::new()
+    };
     let help = format!(
-        "{}; silence with `suggest {{ ignore \"{}\" }}`",
+        "{}{apply}; silence with `suggest {{ ignore \"{}\" }}`",
         explain(change, scope, &info.evidence),
         change.key()
     );

@@ -574,6 +574,7 @@ impl Store {
                         .iter()
                         .filter(|c| c.is_intended())
                         .map(crate::diff::DiffEntry::change)
+                        .filter(crate::history::is_choice)
                         .collect(),
                 });
                 ancestor = parent.parent;

@@ -4,10 +4,22 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The binary, with the environment that would change its behaviour removed.
+/// The binary, with the environment that would change its behaviour removed. Its stores
+/// start without the seed history, so a test's history is what the test put there;
+/// [`seeded_binary`] is the binary as users run it.
 pub fn binary() -> Command {
+    let mut command = seeded_binary();
+    command.env("APPLIANCE_NO_SEED", "1");
+    command
+}
+
+/// The binary whose new stores get the seed history, as a user's do.
+pub fn seeded_binary() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cargo-appliance"));
-    command.env_remove("APPLIANCE_STORE").env("NO_COLOR", "1");
+    command
+        .env_remove("APPLIANCE_STORE")
+        .env_remove("APPLIANCE_NO_SEED")
+        .env("NO_COLOR", "1");
     command
 }
 
