@@ -19,6 +19,24 @@ use crate::manifest::{Manifest, is_manifest_file_name};
 /// something a `copy` should be walking, and the bound keeps hostile trees cheap.
 pub const MAX_WALK_ENTRIES: usize = 200_000;
 
+/// The one walk of copy sources, for `check` and `build` alike (with two walkers, `check`
+/// approved files under `.git/` that `build` then did not copy): `.gitignore` honoured (in a
+/// git repository or not), hidden files included, `.git/` and the target directory skipped,
+/// symlinks not followed. `check` stops at [`MAX_WALK_ENTRIES`]; `build` copies everything.
+pub fn walk_sources(dir: &Path, target_dir: &Path) -> ignore::Walk {
+    let target = target_dir.to_path_buf();
+    let canonical_target = fs_err::canonicalize(target_dir).unwrap_or_else(|_| target.clone());
+    ignore::WalkBuilder::new(dir)
+        .hidden(false)
+        .require_git(false)
+        .filter_entry(move |entry| {
+            entry.path() != target
+                && entry.path() != canonical_target
+                && entry.file_name() != ".git"
+        })
+        .build()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
     #[error("could not find a Cargo workspace at {path}")]
@@ -475,14 +493,9 @@ impl Resolver<'_> {
             );
             return Vec::new();
         }
-        let target_dir = self.workspace.target_dir.clone();
         let mut matched = Vec::new();
         let mut escaped = None;
-        for entry in ignore::WalkBuilder::new(&base)
-            .hidden(false)
-            .require_git(false)
-            .filter_entry(move |entry| entry.path() != target_dir)
-            .build()
+        for entry in walk_sources(&base, &self.workspace.target_dir)
             .filter_map(Result::ok)
             .take(MAX_WALK_ENTRIES)
         {

@@ -144,3 +144,33 @@ fn discovery_finds_nested_manifests_and_skips_ignored_and_target() {
     );
     assert_eq!(finished(&output)["appliances"], serde_json::json!(["api"]));
 }
+
+/// `check` and `build` walk copy sources with one walker: a glob that matches only files under
+/// `.git/` (which `build` never copies) matches nothing for `check` too.
+#[test]
+fn check_does_not_approve_files_under_git_that_build_would_not_copy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ws = dir.path();
+    std::fs::create_dir_all(ws.join("src")).expect("mkdir");
+    std::fs::create_dir_all(ws.join("data/.git")).expect("mkdir");
+    std::fs::write(
+        ws.join("Cargo.toml"),
+        "[package]\nname = \"tool\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )
+    .expect("write");
+    std::fs::write(ws.join("src/main.rs"), "fn main() {}\n").expect("write");
+    std::fs::write(ws.join("data/.git/notes.txt"), "not for the image\n").expect("write");
+    std::fs::write(ws.join("data/readme.md"), "not a .txt\n").expect("write");
+    std::fs::write(
+        ws.join("appliance.kdl"),
+        "appliance \"tool\" {\n    base \"debian/bookworm\"\n    copy \"data/**/*.txt\" to=\"/srv/\"\n}\n",
+    )
+    .expect("write");
+    let output = run(ws, &["check"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("appliance::glob-matches-nothing"),
+        "{stderr}"
+    );
+}

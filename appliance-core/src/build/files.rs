@@ -236,16 +236,10 @@ fn file_item(
     })
 }
 
-/// Walk a directory as `check` does: .gitignore honoured, the target directory skipped,
-/// symlinks not followed.
+/// Walk a directory with `check`'s walker ([`crate::workspace::walk_sources`]), so that what
+/// `check` approves is what is copied.
 fn walk(workspace: &Workspace, dir: &Path) -> Vec<PathBuf> {
-    let target =
-        fs_err::canonicalize(&workspace.target_dir).unwrap_or(workspace.target_dir.clone());
-    ignore::WalkBuilder::new(dir)
-        .hidden(false)
-        .require_git(false)
-        .filter_entry(move |e| e.path() != target && e.file_name() != ".git")
-        .build()
+    crate::workspace::walk_sources(dir, &workspace.target_dir)
         .filter_map(Result::ok)
         .map(|e| e.into_path())
         .collect()
