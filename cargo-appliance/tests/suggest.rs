@@ -350,3 +350,47 @@ fn a_fresh_store_suggests_from_the_seed_history_until_it_is_removed() {
     );
     assert!(suggestions(&store).is_empty());
 }
+
+#[test]
+fn explain_shows_the_evidence_and_images_that_made_the_change() {
+    let (_dir, store) = store_with_fixture_history();
+    let workspace = fixtures().join("suggest");
+    let output = ok(
+        &store,
+        &workspace,
+        &[
+            "suggest",
+            "-a",
+            "web",
+            "--explain",
+            "package-added:ca-certificates",
+        ],
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            "package-added:ca-certificates for `web`: 30 of 40 images derived from debian/bookworm also install ca-certificates (27 of 29 that install nginx)"
+        ),
+        "{text}"
+    );
+    let examples: Vec<&str> = lines.collect();
+    assert_eq!(examples.len(), 10, "{text}");
+    // Each is an image of the fixture that installs ca-certificates.
+    let history = std::fs::read_to_string(fixtures().join("suggest/history.jsonl")).expect("read");
+    for example in examples {
+        let image = example.trim().split("  (").next().expect("an image");
+        let record = history
+            .lines()
+            .find(|line| line.contains(&format!("\"child\": \"{image}\"")))
+            .unwrap_or_else(|| panic!("{image} is in the fixture"));
+        assert!(record.contains("\"ca-certificates\""), "{record}");
+    }
+    let missing = run(
+        &store,
+        &workspace,
+        &["suggest", "-a", "web", "--explain", "package-added:no-such"],
+    );
+    assert_eq!(missing.status.code(), Some(1));
+}

@@ -136,6 +136,9 @@ pub struct SuggestArgs {
     /// `package-added:ca-certificates`); repeatable
     #[arg(long, value_name = "KEY")]
     pub apply: Vec<String>,
+    /// Show where a suggestion comes from: its evidence and images that made the change
+    #[arg(long, value_name = "KEY", conflicts_with = "apply")]
+    pub explain: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -435,6 +438,16 @@ fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(key) = &args.explain {
+        return match explain_suggestion(global, &store, &report, &suggest_options, key) {
+            Ok(code) => code,
+            Err(error) if printer::is_closed_pipe(&error) => ExitCode::SUCCESS,
+            Err(error) => {
+                report_error(global, &error);
+                ExitCode::FAILURE
+            }
+        };
+    }
     match crate::history::suggest::suggest(&store, &report, &suggest_options) {
         Ok(diagnostics) if !args.apply.is_empty() => {
             match apply_suggestions(global, &diagnostics, &args.apply) {
@@ -463,6 +476,39 @@ fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `suggest --explain KEY`: the evidence of one suggestion and ten images that made it.
+fn explain_suggestion(
+    global: &GlobalArgs,
+    store: &crate::store::Store,
+    report: &crate::check::CheckReport,
+    options: &SuggestOptions,
+    key: &str,
+) -> anyhow::Result<ExitCode> {
+    use printer::{outln, print_json};
+    let explanations = crate::history::suggest::explain_key(store, report, options, key, 10)?;
+    if explanations.is_empty() {
+        anyhow::bail!(
+            "`{key}` is not among the suggestions (`cargo appliance suggest` lists them)"
+        );
+    }
+    for explanation in &explanations {
+        if global.message_format == MessageFormat::Json {
+            print_json(explanation)?;
+            continue;
+        }
+        outln!(
+            "{} for `{}`: {}",
+            explanation.key,
+            explanation.appliance,
+            explanation.evidence
+        )?;
+        for (image, origin) in &explanation.examples {
+            outln!("  {image}  ({origin})")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `suggest --apply KEY…`: make the suggestions' edits in their manifests. Each edited text

@@ -331,14 +331,51 @@ pub fn sql_scope(conn: &Connection, base: &str) -> anyhow::Result<(String, Strin
     Ok(("any base".to_owned(), "%".to_owned(), all))
 }
 
-/// How the scope's derivations divide by origin: (from the seed history, from elsewhere).
-pub fn scope_origins(conn: &Connection, pattern: &str) -> anyhow::Result<(i64, i64)> {
-    Ok(conn.query_row(
-        "SELECT count(*) FILTER (WHERE origin = ?), count(*) FILTER (WHERE origin <> ?)
-         FROM derivations WHERE parent LIKE ? ESCAPE '\\'",
-        params![super::seed::ORIGIN, super::seed::ORIGIN, pattern],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?)
+/// Up to `limit` derivations of the scope that made `change`, as (child, origin): the store's
+/// own and imported ones first, then the seed's, for `suggest --explain`.
+pub fn examples(
+    conn: &Connection,
+    scope: Scope<'_>,
+    change: &Change,
+    limit: usize,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut query = Query::shared(scope, &[]);
+    query
+        .text(" wanted AS (SELECT id FROM items WHERE kind = ")
+        .value(change.kind.clone())
+        .text(" AND subject = ")
+        .value(change.subject.clone())
+        .text(&format!(
+            ")
+             SELECT d.child, d.origin FROM scoped c JOIN derivations d ON d.id = c.derivation
+             WHERE c.item IN (SELECT id FROM wanted)
+             ORDER BY d.origin = '{}', d.id DESC LIMIT {limit}",
+            super::seed::ORIGIN
+        ));
+    let mut statement = conn.prepare(&query.sql)?;
+    let rows = statement
+        .query_map(params_from_iter(query.values.iter()), |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// How the scope's derivations (as the evidence counts them: the appliance's lineage left
+/// out, the store's builds once per appliance) divide by origin: (seed, elsewhere).
+pub fn scope_origins(conn: &Connection, scope: Scope<'_>) -> anyhow::Result<(i64, i64)> {
+    let mut query = Query::shared(scope, &[]);
+    query.text(&format!(
+        " counted AS (SELECT d.origin FROM scope s JOIN derivations d ON d.id = s.id)
+         SELECT count(*) FILTER (WHERE origin = '{seed}'), count(*) FILTER (WHERE origin <> '{seed}')
+         FROM counted",
+        seed = super::seed::ORIGIN
+    ));
+    Ok(
+        conn.query_row(&query.sql, params_from_iter(query.values.iter()), |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?,
+    )
 }
 
 /// The words for the images a scope counts, by where they come from: "public Debian-based
@@ -488,6 +525,24 @@ mod tests {
                 assert!((a.score - b.score).abs() < 1e-9, "{a:?} vs {b:?}");
             }
         }
+    }
+
+    #[test]
+    fn the_scope_says_where_its_images_come_from() {
+        assert_eq!(
+            scope_phrase("debian/*", 312, 0),
+            "public Debian-based images"
+        );
+        assert_eq!(
+            scope_phrase("debian/bookworm", 0, 7),
+            "images derived from debian/bookworm"
+        );
+        assert_eq!(
+            scope_phrase("debian/*", 300, 12),
+            "images derived from debian/* (300 public, 12 of this store)"
+        );
+        assert_eq!(scope_phrase("any base", 5, 0), "public images");
+        assert_eq!(scope_phrase("any base", 0, 5), "images");
     }
 
     #[test]

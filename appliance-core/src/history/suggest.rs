@@ -340,13 +340,13 @@ fn compute(
             .min_confidence
             .unwrap_or(options.min_confidence);
         let (scope_label, scope_pattern, _) = sql_scope(conn, &base)?;
-        let (seed, other) = super::stats::scope_origins(conn, &scope_pattern)?;
-        let phrase = super::stats::scope_phrase(&scope_label, seed, other);
         let excluding = lineage(appliance, &all);
         let scope = Scope {
             pattern: &scope_pattern,
             excluding: &excluding,
         };
+        let (seed, other) = super::stats::scope_origins(conn, scope)?;
+        let phrase = super::stats::scope_phrase(&scope_label, seed, other);
         let candidates = sql_suggest(conn, scope, &known, limit * 4 + ignored.len())?
             .into_iter()
             .filter(|ranked| {
@@ -384,6 +384,59 @@ fn compute(
         }
     }
     Ok(found)
+}
+
+/// Where a suggestion comes from, for `suggest --explain KEY`: its evidence for one
+/// appliance and some of the images that made the change.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub appliance: String,
+    pub key: String,
+    /// The suggestion's help line ("30 of 40 images derived from … also install …").
+    pub evidence: String,
+    /// (image, origin): the store's own and imported first, then the seed's.
+    pub examples: Vec<(String, String)>,
+}
+
+/// Explain `key` for each checked appliance it is suggested to.
+pub fn explain_key(
+    store: &Store,
+    report: &CheckReport,
+    options: &SuggestOptions,
+    key: &str,
+    examples: usize,
+) -> anyhow::Result<Vec<Explanation>> {
+    let found = compute(store, report, options)?;
+    let catalog = store.read_catalog()?;
+    let conn = catalog.connection();
+    let all: BTreeMap<&str, &Appliance> = report
+        .manifests
+        .iter()
+        .flat_map(|m| m.appliances.iter())
+        .map(|a| (a.name.value.as_str(), a))
+        .collect();
+    let mut out = Vec::new();
+    for found in found.iter().filter(|f| f.change.key() == key) {
+        let Some(appliance) = all.get(found.appliance.as_str()) else {
+            continue;
+        };
+        let (Some(base), _) = resolve_base(appliance, &all) else {
+            continue;
+        };
+        let (_, pattern, _) = sql_scope(conn, &base)?;
+        let excluding = lineage(appliance, &all);
+        let scope = Scope {
+            pattern: &pattern,
+            excluding: &excluding,
+        };
+        out.push(Explanation {
+            appliance: found.appliance.clone(),
+            key: key.to_owned(),
+            evidence: explain(&found.change, &found.scope, &found.info.evidence),
+            examples: super::stats::examples(conn, scope, &found.change, examples)?,
+        });
+    }
+    Ok(out)
 }
 
 fn suggestion_diagnostic(
