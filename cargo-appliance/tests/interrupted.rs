@@ -87,6 +87,21 @@ impl Setup {
         command
     }
 
+    /// A build that must succeed, with a cache of one materialized tree (every new copy
+    /// evicts the previous one).
+    fn build_with_one_cached_tree(&self) {
+        let output = self
+            .build()
+            .env("APPLIANCE_CACHED_TREES", "1")
+            .output()
+            .expect("runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     fn spawn_build(&self) -> Child {
         self.build()
             .stdout(Stdio::null())
@@ -226,48 +241,35 @@ fn a_build_killed_while_evicting_a_cached_tree_leaves_the_store_whole() {
     assert!(images.contains("\"name\":\"stopped\""), "{images}");
     assert!(!images.contains("\"name\":\"derived\""), "{images}");
     let trees = setup.work.path().join("store/cache/trees");
-    let aside: Vec<String> = std::fs::read_dir(&trees)
-        .expect("cache")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with(".discard-"))
-        .collect();
+    let aside = set_aside(&trees);
     assert_eq!(
         aside.len(),
         1,
         "the evicted copy was set aside, not half deleted"
     );
 
-    let output = setup
-        .build()
-        .env("APPLIANCE_CACHED_TREES", "1")
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    setup.build_with_one_cached_tree();
     // Another package step after the kill, with the cache of one tree still evicting.
-    std::fs::write(&manifest, text.replace("\"htop\"", "\"htop\" \"less\"")).expect("write");
-    let output = setup
-        .build()
-        .env("APPLIANCE_CACHED_TREES", "1")
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let current = std::fs::read_to_string(&manifest).expect("read");
+    std::fs::write(
+        &manifest,
+        current.replacen("\"htop\"", "\"htop\" \"less\"", 1),
+    )
+    .expect("write");
+    setup.build_with_one_cached_tree();
     setup.fsck_is_clean();
     let output = setup.command(&["gc"]).output().expect("runs");
     assert!(output.status.success());
-    let left: Vec<String> = std::fs::read_dir(&trees)
+    let left = set_aside(&trees);
+    assert!(left.is_empty(), "gc removed what was set aside: {left:?}");
+}
+
+/// The cached copies set aside for deletion (`.discard-*`) under `trees`.
+fn set_aside(trees: &Path) -> Vec<String> {
+    std::fs::read_dir(trees)
         .expect("cache")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| name.starts_with(".discard-"))
-        .collect();
-    assert!(left.is_empty(), "gc removed what was set aside: {left:?}");
+        .collect()
 }

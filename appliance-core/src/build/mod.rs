@@ -209,8 +209,7 @@ struct Script {
 fn script_failure(site: &Site<'_>, script: &Script, error: anyhow::Error) -> BuildError {
     let error = match error.downcast::<crate::packages::apt::SandboxTimeout>() {
         Ok(timeout) => {
-            let all: Vec<&str> = timeout.output.lines().collect();
-            let tail = all[all.len().saturating_sub(25)..].join("\n");
+            let tail = timeout.tail(25);
             return site
                 .error(
                     "appliance::run-timeout",

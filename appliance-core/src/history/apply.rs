@@ -12,22 +12,7 @@ use anyhow::{Context as _, bail};
 use super::Change;
 use crate::diagnostics::{Diagnostic, Edit, SourceFile};
 use crate::manifest::model::Appliance;
-
-/// A KDL string literal for `value` (quotes and backslashes escaped).
-fn kdl_string(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
+use crate::manifest::reference::kdl_string;
 
 /// The edit that applies `change` to `appliance` in `file`, when a node can say it.
 pub fn edit_for(file: &SourceFile, appliance: &Appliance, change: &Change) -> Option<Edit> {
@@ -187,6 +172,5 @@ mod tests {
         let (a, b) = (insert(1, "X"), insert(3, "Y"));
         assert_eq!(apply_edits(text, &[&a, &b]).expect("fits"), "aXbcY");
         assert!(apply_edits(text, &[&insert(9, "Z")]).is_err());
-        assert_eq!(kdl_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
     }
 }

@@ -298,6 +298,16 @@ fn render(report: &CheckReport, found: &[Found]) -> Vec<Diagnostic> {
         .collect()
 }
 
+/// Every appliance of the workspace (checked or not: bases and lineage span them all).
+fn appliances_by_name(report: &CheckReport) -> BTreeMap<&str, &Appliance> {
+    report
+        .manifests
+        .iter()
+        .flat_map(|m| m.appliances.iter())
+        .map(|a| (a.name.value.as_str(), a))
+        .collect()
+}
+
 fn compute(
     store: &Store,
     report: &CheckReport,
@@ -310,12 +320,7 @@ fn compute(
     if derivations == 0 {
         return Ok(Vec::new());
     }
-    let all: BTreeMap<&str, &Appliance> = report
-        .manifests
-        .iter()
-        .flat_map(|m| m.appliances.iter())
-        .map(|a| (a.name.value.as_str(), a))
-        .collect();
+    let all = appliances_by_name(report);
     let mut found = Vec::new();
     for (_, appliance) in report.appliances() {
         let (Some(base), inherited) = resolve_base(appliance, &all) else {
@@ -409,12 +414,7 @@ pub fn explain_key(
     let found = compute(store, report, options)?;
     let catalog = store.read_catalog()?;
     let conn = catalog.connection();
-    let all: BTreeMap<&str, &Appliance> = report
-        .manifests
-        .iter()
-        .flat_map(|m| m.appliances.iter())
-        .map(|a| (a.name.value.as_str(), a))
-        .collect();
+    let all = appliances_by_name(report);
     let mut out = Vec::new();
     for found in found.iter().filter(|f| f.change.key() == key) {
         let Some(appliance) = all.get(found.appliance.as_str()) else {

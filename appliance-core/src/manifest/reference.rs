@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 
 use super::schema::{APPLIANCE, GRAMMARS, NodeSpec, OUTPUT_FORMATS, Repeat, ValueKind};
 
-fn kdl_string(text: &str) -> String {
+/// A KDL string literal for `text` (quotes, backslashes and newlines escaped).
+pub(crate) fn kdl_string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
@@ -273,6 +274,11 @@ mod tests {
             committed == generated,
             "schema/{name} is out of date with schema.rs; run `APPLIANCE_BLESS=1 cargo test -p appliance-core reference`"
         );
+    }
+
+    #[test]
+    fn kdl_strings_escape_quotes_and_backslashes() {
+        assert_eq!(kdl_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
     }
 
     #[test]

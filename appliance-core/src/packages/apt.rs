@@ -177,7 +177,7 @@ impl Sandbox {
     ) -> anyhow::Result<Ran> {
         let log = tempfile::tempfile().context("creating a log file")?;
         // Killed with this process: `unshare --kill-child` then ends the PID namespace.
-        let mut child = match self.enter.split_first() {
+        let mut command = match self.enter.split_first() {
             Some((program, args)) => {
                 let mut command = crate::process::dies_with_us(program);
                 command.args(args).arg("unshare");
@@ -188,7 +188,7 @@ impl Sandbox {
         for bind in binds {
             real_dir(&self.root, bind.inside)?;
         }
-        let mut child = child
+        let mut child = command
             .args([
                 "--mount",
                 "--propagation",
@@ -296,6 +296,18 @@ pub struct SandboxTimeout {
     pub output: String,
 }
 
+impl SandboxTimeout {
+    /// The last lines of the output, for a diagnostic.
+    pub fn tail(&self, lines: usize) -> String {
+        last_lines(&self.output, lines)
+    }
+}
+
+fn last_lines(output: &str, lines: usize) -> String {
+    let all: Vec<&str> = output.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// A command in the sandbox failed; `output` is what it printed.
 #[derive(Debug, thiserror::Error)]
 #[error("`{command}` failed inside the image ({status})")]
@@ -308,8 +320,7 @@ pub struct SandboxFailure {
 impl SandboxFailure {
     /// The last lines of the output, for a diagnostic.
     pub fn tail(&self, lines: usize) -> String {
-        let all: Vec<&str> = self.output.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&self.output, lines)
     }
 }
 
