@@ -1,6 +1,7 @@
 //! Builds that are stopped: a `run` script past its `timeout=`, and a build ended by SIGTERM
-//! (as `timeout`, CI runners and supervisors do) or SIGKILL while a script runs. Nothing of
-//! the build may keep running, and the store must be as it was. Needs root (the sandbox).
+//! (as `timeout`, CI runners and supervisors do), SIGINT (Ctrl-C) or SIGKILL while a script
+//! runs. Nothing of the build may keep running, and the store must be as it was; SIGTERM
+//! and SIGINT also remove the build's temporary state. Needs root (the sandbox).
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -171,18 +172,57 @@ fn stopped_by(signal: &str) {
         !processes_with(&format!("sleep {marker}")).is_empty()
     });
     let store = setup.work.path().join("store");
+    let staging = store.join("staging");
+    assert!(
+        std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some()),
+        "the build has temporary state in {}",
+        staging.display()
+    );
     let store_marker = store.to_string_lossy().into_owned();
     let killed = Command::new("kill")
         .args([&format!("-{signal}"), &build.id().to_string()])
         .status()
         .expect("kill runs");
     assert!(killed.success());
+    let sent = Instant::now();
     let status = build.wait().expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = build.stderr.take() {
+        use std::io::Read as _;
+        pipe.read_to_string(&mut stderr).expect("stderr");
+    }
     {
         use std::os::unix::process::ExitStatusExt as _;
-        let expected = if signal == "TERM" { 15 } else { 9 };
-        // A shell reports this as exit status 128 + the signal: 143 for SIGTERM, 137 for SIGKILL.
-        assert_eq!(status.signal(), Some(expected), "{status:?}");
+        let expected = match signal {
+            "TERM" => 15,
+            "INT" => 2,
+            _ => 9,
+        };
+        // Ended by the signal itself, so a shell reports 128 + the signal (130 for SIGINT,
+        // 143 for SIGTERM) and a script running it stops.
+        assert_eq!(status.signal(), Some(expected), "{status:?}\n{stderr}");
+    }
+    if signal != "KILL" {
+        // A clean stop: the children were stopped rather than waited for, the temporary
+        // state was removed, and the user is told so once.
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "stopping took {:?}",
+            sent.elapsed()
+        );
+        assert!(
+            stderr.contains(&format!("error: interrupted by SIG{signal}: stopped")),
+            "{stderr}"
+        );
+        assert_eq!(
+            stderr.matches("error:").count(),
+            1,
+            "one error, not the script's failure too: {stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&staging)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "temporary state left: {left:?}");
     }
     wait_for(
         "every process of the build ends",
@@ -197,8 +237,13 @@ fn stopped_by(signal: &str) {
 }
 
 #[test]
-fn sigterm_of_a_build_ends_its_sandbox_and_script() {
+fn sigterm_of_a_build_stops_it_cleanly() {
     stopped_by("TERM");
+}
+
+#[test]
+fn sigint_of_a_build_stops_it_cleanly() {
+    stopped_by("INT");
 }
 
 #[test]

@@ -130,7 +130,8 @@ pub fn build_binary(
         return Ok((artifact.clone(), true));
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = crate::process::dies_with_us(&cargo);
+    // Its own process group: an interrupted build stops rustc too.
+    let mut command = crate::process::background(&cargo);
     command
         .current_dir(&workspace.root)
         .args([
@@ -146,14 +147,13 @@ pub fn build_binary(
     if offline {
         command.arg("--offline");
     }
-    let output = command
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|source| CmdError::Spawn {
+    let output = crate::process::output_of(command.stdin(std::process::Stdio::null())).map_err(
+        |source| CmdError::Spawn {
             program: cargo.to_string_lossy().into_owned(),
             hint: String::new(),
             source,
-        })?;
+        },
+    )?;
     if !output.status.success() {
         return Err(CargoFailure {
             bin: spec.bin.clone(),

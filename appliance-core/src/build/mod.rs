@@ -166,6 +166,7 @@ pub fn build(
         let Some(site) = sites.get(name.as_str()) else {
             continue;
         };
+        crate::process::interrupt::check().map_err(anyhow::Error::from)?;
         let locked = old_lock.appliances.get(&name).cloned().unwrap_or_default();
         let (done, lock_entry) = context.build_one(site, &built, &locked)?;
         new_lock.appliances.insert(name.clone(), lock_entry);

@@ -283,6 +283,39 @@ pub fn main() -> ExitCode {
 }
 
 pub fn run(cli: &Cli) -> ExitCode {
+    use crate::process::interrupt;
+    // `run` leaves Ctrl-C to QEMU on its terminal and dies with its default handler.
+    if !matches!(cli.command, Command::Run(_))
+        && let Err(error) = interrupt::install()
+    {
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "warning: cannot handle SIGINT/SIGTERM ({error}); an interrupted build leaves temporary files for `gc`"
+        );
+    }
+    // Work that makes temporary state stops cleanly; anything else ends at once.
+    let clean_stop = matches!(
+        cli.command,
+        Command::Build(_)
+            | Command::Base(_)
+            | Command::Image(ImageCommand::Import { .. } | ImageCommand::Export { .. })
+    )
+    .then(interrupt::clean_stop);
+    let code = run_command(cli);
+    drop(clean_stop);
+    if let Some(interrupted) = interrupt::received() {
+        if !cli.global.quiet {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: {interrupted}: stopped; nothing half-done was stored and temporary files were removed"
+            );
+        }
+        interrupted.die();
+    }
+    code
+}
+
+fn run_command(cli: &Cli) -> ExitCode {
     match &cli.command {
         Command::Check(args) => run_check(&cli.global, args),
         Command::Suggest(args) => run_suggest(&cli.global, args),
@@ -303,6 +336,10 @@ pub fn run(cli: &Cli) -> ExitCode {
 
 /// Print an error with its chain of causes, cargo-style ("error: …", "caused by: …").
 pub fn report_error(global: &GlobalArgs, error: &anyhow::Error) {
+    // What failed because of a signal is reported once, as the interruption (`run`).
+    if crate::process::interrupt::received().is_some() {
+        return;
+    }
     match global.message_format {
         MessageFormat::Json => {
             let causes: Vec<String> = error.chain().skip(1).map(ToString::to_string).collect();
@@ -676,6 +713,11 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
                 );
             }
             ExitCode::SUCCESS
+        }
+        Err(crate::build::BuildError::Diagnostics(_))
+            if crate::process::interrupt::received().is_some() =>
+        {
+            ExitCode::FAILURE
         }
         Err(crate::build::BuildError::Diagnostics(diagnostics)) => {
             emit(global, &diagnostics);

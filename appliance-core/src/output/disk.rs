@@ -385,7 +385,7 @@ fn write_full(
         derived_uuid(&image.name, "root partition"),
     );
     run_with_stdin(
-        crate::process::dies_with_us("sfdisk")
+        crate::process::background("sfdisk")
             .args(["--quiet", "--no-reread", "--no-tell-kernel"])
             .arg(&disk),
         &script,
@@ -497,12 +497,15 @@ fn run_with_stdin(command: &mut std::process::Command, input: &str) -> anyhow::R
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
+    let watched = crate::process::interrupt::watch(&child);
     child
         .stdin
         .take()
         .context("no stdin")?
         .write_all(input.as_bytes())?;
     let output = child.wait_with_output()?;
+    drop(watched);
+    crate::process::interrupt::check()?;
     if !output.status.success() {
         bail!("{}", String::from_utf8_lossy(&output.stderr));
     }
@@ -552,9 +555,10 @@ pub fn write_qcow2(raw: &Path, destination: &Path) -> anyhow::Result<()> {
         }
         command.arg(raw).arg(&temp).output()
     };
-    convert(true)
-        .or_else(|_| convert(false))
-        .context("converting the disk to qcow2 (qemu-img)")?;
+    if let Err(error) = convert(true).or_else(|_| convert(false)) {
+        std::fs::remove_file(&temp).ok();
+        return Err(error).context("converting the disk to qcow2 (qemu-img)");
+    }
     fs_err::rename(&temp, destination)?;
     Ok(())
 }

@@ -179,11 +179,11 @@ impl Sandbox {
         // Killed with this process: `unshare --kill-child` then ends the PID namespace.
         let mut command = match self.enter.split_first() {
             Some((program, args)) => {
-                let mut command = crate::process::dies_with_us(program);
+                let mut command = crate::process::background(program);
                 command.args(args).arg("unshare");
                 command
             }
-            None => crate::process::dies_with_us("unshare"),
+            None => crate::process::background("unshare"),
         };
         for bind in binds {
             real_dir(&self.root, bind.inside)?;
@@ -218,7 +218,10 @@ impl Sandbox {
             .stderr(log.try_clone()?)
             .spawn()
             .context("running `unshare` (util-linux)")?;
+        let watched = crate::process::interrupt::watch(&child);
         let status = wait_until(&mut child, limit)?;
+        drop(watched);
+        crate::process::interrupt::check()?;
         let mut log = log;
         let mut output = Vec::new();
         log.seek(std::io::SeekFrom::Start(0))?;

@@ -138,6 +138,7 @@ mod tests {
                 "Command::new(\"",
                 "available(\"",
                 "dies_with_us(\"",
+                "background(\"",
             ] {
                 for (at, _) in text.match_indices(opener) {
                     let rest = &text[at + opener.len()..];

@@ -3,6 +3,7 @@
 //! stderr, so the user sees what ran and why it failed.
 
 pub mod host;
+pub mod interrupt;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -18,6 +19,31 @@ pub fn dies_with_us(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut command = Command::new("setpriv");
     command.args(["--pdeathsig", "KILL", "--"]).arg(program);
     command
+}
+
+/// [`dies_with_us`] for a program that needs no terminal, in a process group of its own:
+/// [`interrupt`] stops it with everything it started (cargo's rustc, mmdebstrap's apt), and a
+/// terminal's Ctrl-C reaches only this process, which then stops it. QEMU in the foreground
+/// of a terminal is the one program not started this way.
+pub fn background(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = dies_with_us(program);
+    command.process_group(0);
+    command
+}
+
+/// Run a [`background`] command to completion with its output captured, watched by
+/// [`interrupt`]: a signal stops it and the result is an [`interrupt::Interrupted`] error.
+pub fn output_of(command: &mut Command) -> std::io::Result<std::process::Output> {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let watched = interrupt::watch(&child);
+    let output = child.wait_with_output();
+    drop(watched);
+    interrupt::check().map_err(std::io::Error::other)?;
+    output
 }
 
 /// Lines of stderr kept in an error.
@@ -98,21 +124,21 @@ impl Cmd {
                 source: std::io::Error::from(std::io::ErrorKind::NotFound),
             });
         }
-        let output = dies_with_us(&self.program)
-            .args(&self.args)
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| CmdError::Spawn {
-                program: self.program.to_string_lossy().into_owned(),
-                hint: if source.kind() == std::io::ErrorKind::NotFound {
-                    " (not installed? `.ci/install-deps` installs what cargo-appliance needs)"
-                        .into()
-                } else {
-                    String::new()
-                },
-                source,
-            })?;
+        let output = output_of(
+            background(&self.program)
+                .args(&self.args)
+                .envs(self.envs.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null()),
+        )
+        .map_err(|source| CmdError::Spawn {
+            program: self.program.to_string_lossy().into_owned(),
+            hint: if source.kind() == std::io::ErrorKind::NotFound {
+                " (not installed? `.ci/install-deps` installs what cargo-appliance needs)".into()
+            } else {
+                String::new()
+            },
+            source,
+        })?;
         if output.status.success() {
             return Ok((output.stdout, output.stderr));
         }

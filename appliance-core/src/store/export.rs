@@ -120,6 +120,7 @@ pub fn write_tar(
         ..ExportReport::default()
     };
     for (path, entry) in tree.entries() {
+        crate::process::interrupt::check()?;
         let name = if path.is_empty() {
             "./".to_owned()
         } else if entry.kind == EntryKind::Dir {
@@ -257,6 +258,7 @@ pub fn export_directory(
     };
     let mut parent_cache: Option<(String, OwnedFd)> = None;
     for (path, entry) in tree.entries() {
+        crate::process::interrupt::check()?;
         let (parent, name) = split(path);
         let context = || format!("exporting {path}");
         if path.is_empty() {

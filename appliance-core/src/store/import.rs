@@ -258,6 +258,7 @@ impl Read for BoundedReader {
 fn apply_tar(builder: &mut Builder<'_>, reader: impl Read, whiteouts: bool) -> anyhow::Result<()> {
     let mut tar = TarReader::new(reader);
     while let Some(header) = tar.next_header()? {
+        crate::process::interrupt::check()?;
         let path = normalize_path(&header.path)?;
         if whiteouts {
             let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
@@ -431,6 +432,7 @@ pub fn import_directory_with(
     };
     let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
+        crate::process::interrupt::check()?;
         for (full, path, meta) in walk.children(&dir)? {
             if walk.add(&mut builder, &full, &path, &meta)? {
                 stack.push(full);
@@ -465,6 +467,7 @@ pub fn apply_overlay_upper(
     };
     let mut stack: Vec<PathBuf> = vec![upper.to_path_buf()];
     while let Some(dir) = stack.pop() {
+        crate::process::interrupt::check()?;
         for (full, path, meta) in walk.children(&dir)? {
             let file_type = meta.file_type();
             if file_type.is_char_device() && meta.rdev() == 0 {

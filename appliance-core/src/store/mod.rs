@@ -396,6 +396,8 @@ impl Store {
         staging: Staging,
         dpkg_status: Option<&[u8]>,
     ) -> anyhow::Result<ImageRecord> {
+        // The last moment a signal can still leave the store as it was.
+        crate::process::interrupt::check()?;
         staging.commit()?;
         let status_from_objects;
         let dpkg_status = match dpkg_status {

@@ -249,6 +249,15 @@ impl Staging {
     }
 }
 
+/// Work that fails or is interrupted leaves no staging directory for `gc` to find: its
+/// objects and scratch directories (a copied root for apt) go with it.
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // Gone already after commit or discard; what a failure leaves, gc removes.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn set_read_only(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o444))?;
