@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod output;
 pub mod packages;
 pub mod process;
+pub mod registry;
 pub mod run;
 pub mod store;
 pub mod test_hooks;

@@ -331,7 +331,7 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
     env.export("web/packages", &copied);
     // apt's own logs name the command line, which differs (--no-download).
     let listing = |root: &Path| -> Vec<String> {
-        tree_listing(root)
+        support::tree_listing(root)
             .into_iter()
             .filter(|l| !l.starts_with("./var/log/apt/"))
             .collect()
@@ -700,30 +700,6 @@ appliance "child" {
     );
 }
 
-fn tree_listing(root: &Path) -> Vec<String> {
-    let output = Command::new("find")
-        .arg(".")
-        .args(["-printf", "%p %y %m %U %G %s %l\n"])
-        .current_dir(root)
-        .output()
-        .expect("find runs");
-    assert!(output.status.success());
-    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        // Directory sizes are the filesystem's business, not the image's.
-        .map(|l| {
-            let fields: Vec<&str> = l.split(' ').collect();
-            if fields.get(1) == Some(&"d") {
-                fields[..5].join(" ")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    lines.sort();
-    lines
-}
-
 fn sha256_of(path: &Path) -> String {
     let output = Command::new("sha256sum")
         .arg(path)
@@ -877,8 +853,8 @@ appliance "smaller" {
     );
     let exported = work.path().join("exported");
     env.export("small", &exported);
-    let unpacked = tree_listing(&bundle.join("rootfs"));
-    let stored = tree_listing(&exported);
+    let unpacked = support::tree_listing(&bundle.join("rootfs"));
+    let stored = support::tree_listing(&exported);
     assert!(stored.len() > 5000);
     let missing: Vec<_> = stored
         .iter()

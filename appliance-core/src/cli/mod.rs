@@ -106,6 +106,10 @@ pub enum Command {
     Suggest(SuggestArgs),
     /// The derivation history: without a subcommand, its origins with their counts
     History(HistoryArgs),
+    /// Push a stored image to an OCI registry (with `--lineage`, its ancestors too)
+    Push(PushArgs),
+    /// Pull an image from an OCI registry into the store, its parents first
+    Pull(PullArgs),
     /// Typed changes from one stored image to another
     Diff {
         /// The parent (or older) image
@@ -113,6 +117,54 @@ pub enum Command {
         /// The child (or newer) image
         to: String,
     },
+}
+
+/// How to reach a registry. Credentials come from where the container tools keep them
+/// (`$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`, `~/.docker/config.json`),
+/// never from the command line.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// Allow plain HTTP and unverified TLS for a registry that is not on loopback
+    #[arg(long)]
+    pub insecure: bool,
+    /// A directory of `*.crt` files (a private CA) to verify the registry's TLS with
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The stored image: NAME, NAME@VERSION or a tree-digest prefix
+    pub image: String,
+    /// Where: HOST[:PORT]/REPOSITORY[:TAG] (the tag defaults to the image's version)
+    pub reference: String,
+    /// Push the image's ancestors first, each beside it: `HOST/team/web:2` puts
+    /// `debian/bookworm@1` at `HOST/team/debian/bookworm:1`
+    #[arg(long)]
+    pub lineage: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// HOST[:PORT]/REPOSITORY[:TAG] or HOST[:PORT]/REPOSITORY@sha256:…
+    pub reference: String,
+    /// Store it as NAME or NAME@VERSION instead of the name its annotations give (images
+    /// pushed by other tools are named after their repository)
+    #[arg(long, value_name = "NAME[@VERSION]")]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+impl RegistryArgs {
+    pub fn access(&self) -> crate::registry::Access {
+        crate::registry::Access {
+            insecure: self.insecure,
+            cert_dir: self.cert_dir.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -299,6 +351,8 @@ pub fn run(cli: &Cli) -> ExitCode {
         Command::Build(_)
             | Command::Base(_)
             | Command::Image(ImageCommand::Import { .. } | ImageCommand::Export { .. })
+            | Command::Push(_)
+            | Command::Pull(_)
     )
     .then(interrupt::clean_stop);
     let code = run_command(cli);

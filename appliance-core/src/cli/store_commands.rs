@@ -114,6 +114,8 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 }
             }
         }
+        Command::Push(args) => push(global, &store, args)?,
+        Command::Pull(args) => pull(global, &store, args)?,
         Command::Image(ImageCommand::Import {
             reference,
             path,
@@ -533,5 +535,87 @@ fn print_diff(entries: &[crate::diff::DiffEntry]) -> std::io::Result<()> {
         )?;
         print_group(&consequences, "  ")?;
     }
+    Ok(())
+}
+
+/// skopeo's per-layer progress bars on a terminal, none off it.
+fn transfer_progress(global: &GlobalArgs) -> bool {
+    use std::io::IsTerminal as _;
+    !global.quiet
+        && global.message_format == MessageFormat::Human
+        && std::io::stdout().is_terminal()
+}
+
+fn registry_reference(text: &str) -> anyhow::Result<crate::registry::Reference> {
+    crate::registry::Reference::parse(text).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn push(global: &GlobalArgs, store: &Store, args: &crate::cli::PushArgs) -> anyhow::Result<()> {
+    let destination = registry_reference(&args.reference)?;
+    status(
+        global,
+        "Pushing",
+        &format!("{} to {destination}", args.image),
+    );
+    let pushed = crate::registry::push(
+        store,
+        &args.image,
+        &destination,
+        args.lineage,
+        &args.registry.access(),
+        transfer_progress(global),
+    )?;
+    for one in &pushed {
+        if global.message_format == MessageFormat::Json {
+            print_json(one)?;
+        } else {
+            status(
+                global,
+                "Pushed",
+                &format!("{} → {} ({})", one.image, one.reference, one.digest),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn pull(global: &GlobalArgs, store: &Store, args: &crate::cli::PullArgs) -> anyhow::Result<()> {
+    let source = registry_reference(&args.reference)?;
+    status(global, "Pulling", &source.to_string());
+    let pulled = crate::registry::pull(
+        store,
+        &source,
+        args.name.as_deref(),
+        &args.registry.access(),
+        transfer_progress(global),
+    )?;
+    if global.message_format == MessageFormat::Json {
+        return print_json(&pulled);
+    }
+    for parent in &pulled.parents {
+        status(global, "Pulled", &format!("{parent} (a parent)"));
+    }
+    let derived = pulled.parent.as_ref().map_or_else(
+        || ", a base of its own".to_owned(),
+        |p| format!(", derived from {p}"),
+    );
+    status(
+        global,
+        if pulled.already_stored {
+            "Fresh"
+        } else {
+            "Pulled"
+        },
+        &format!(
+            "{} [{}]{derived}{}",
+            pulled.image,
+            crate::build::short(&pulled.tree_digest),
+            if pulled.already_stored {
+                " (already stored; nothing fetched)"
+            } else {
+                ""
+            }
+        ),
+    );
     Ok(())
 }

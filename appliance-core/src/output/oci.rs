@@ -157,7 +157,7 @@ struct BlobCache {
 
 impl BlobCache {
     fn blob(&self, digest: &str) -> PathBuf {
-        self.dir.join("blobs").join(digest)
+        self.dir.join("blobs/sha256").join(digest)
     }
 
     fn layer(&self, key: &str) -> Option<Layer> {
@@ -176,9 +176,9 @@ impl BlobCache {
         if let Some(layer) = self.layer(key) {
             return Ok(layer);
         }
-        fs_err::create_dir_all(self.dir.join("blobs"))?;
+        fs_err::create_dir_all(self.dir.join("blobs/sha256"))?;
         fs_err::create_dir_all(self.dir.join("layers"))?;
-        let temp = tempfile::NamedTempFile::new_in(self.dir.join("blobs"))?;
+        let temp = tempfile::NamedTempFile::new_in(self.dir.join("blobs/sha256"))?;
         let compressed = HashingWriter {
             inner: io::BufWriter::new(temp.reopen()?),
             hasher: Sha256::new(),
@@ -249,16 +249,37 @@ pub struct OciOutput {
     pub manifest_digest: String,
 }
 
-/// Write the image of `chain` (root first, the appliance last) as a layout directory and an
-/// archive. `created` is the image's creation time (clamped by the caller).
-pub fn write(
+/// Where layer blobs are cached, as `sha256/<hex>`: the layout of skopeo's
+/// `--src-shared-blob-dir`/`--dest-shared-blob-dir`, so a push reads them and a pull leaves
+/// the layers it fetched for the next pull.
+pub fn blob_dir(store: &Store) -> PathBuf {
+    store.root().join("cache/oci/blobs")
+}
+
+/// An image as OCI documents, its layers in the store's blob cache: what a layout, an
+/// archive and a push are made of.
+#[derive(Debug, Clone)]
+pub struct Composed {
+    cache_dir: PathBuf,
+    layers: Vec<Layer>,
+    config_bytes: Vec<u8>,
+    config_digest: String,
+    pub manifest_bytes: Vec<u8>,
+    /// Hex sha256 of `manifest_bytes`.
+    pub manifest_digest: String,
+    tag: String,
+    image_name: String,
+}
+
+/// Compose the image of `chain` (root first, the image last): one layer per lineage step,
+/// cached by (parent tree, tree), and `annotations` added to the manifest's own.
+pub fn compose(
     store: &Store,
     chain: &[ImageRecord],
     config: &OciConfig,
     created: i64,
-    layout: &Path,
-    archive: &Path,
-) -> anyhow::Result<OciOutput> {
+    annotations: &BTreeMap<String, String>,
+) -> anyhow::Result<Composed> {
     let epoch = crate::store::export::source_date_epoch();
     let objects = store.objects();
     let cache = BlobCache {
@@ -268,6 +289,7 @@ pub fn write(
     let mut parent_tree: Option<Tree> = None;
     let mut parent_digest = String::new();
     for image in chain {
+        crate::process::interrupt::check()?;
         let tree = store.tree(image)?;
         // v2: gzip by zlib-rs (other bytes than v1's miniz_oxide for the same layer; a cached
         // v1 layer would make the output depend on what the cache held).
@@ -327,6 +349,21 @@ pub fn write(
     let config_bytes = serde_json::to_vec(&config_json)?;
     let config_digest = hex(&Sha256::digest(&config_bytes));
     let lineage: Vec<String> = chain.iter().map(ImageRecord::reference).collect();
+    let mut manifest_annotations = serde_json::Map::new();
+    manifest_annotations.insert("org.opencontainers.image.created".into(), json!(created));
+    manifest_annotations.insert(LINEAGE.into(), json!(lineage.join(" ")));
+    manifest_annotations.insert(
+        TREE_DIGEST.into(),
+        json!(
+            chain
+                .last()
+                .map(|i| i.tree_digest.clone())
+                .unwrap_or_default()
+        ),
+    );
+    for (key, value) in annotations {
+        manifest_annotations.insert(key.clone(), json!(value));
+    }
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
@@ -340,28 +377,82 @@ pub fn write(
             "digest": format!("sha256:{}", l.digest),
             "size": l.size,
         })).collect::<Vec<_>>(),
-        "annotations": {
-            "org.opencontainers.image.created": created,
-            "dev.cargo-appliance.lineage": lineage.join(" "),
-            "dev.cargo-appliance.tree-digest": chain.last().map(|i| i.tree_digest.clone()).unwrap_or_default(),
-        },
+        "annotations": manifest_annotations,
     });
     let manifest_bytes = serde_json::to_vec(&manifest)?;
     let manifest_digest = hex(&Sha256::digest(&manifest_bytes));
-    let tag = config.tag.rsplit_once(':').map_or("latest", |(_, tag)| tag);
-    let index = json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": MEDIA_MANIFEST,
-            "digest": format!("sha256:{manifest_digest}"),
-            "size": manifest_bytes.len(),
-            "annotations": {
-                "org.opencontainers.image.ref.name": tag,
-                "io.containerd.image.name": config.tag,
-            },
-        }],
-    });
+    Ok(Composed {
+        cache_dir: cache.dir,
+        layers: layers.into_iter().map(|(_, layer)| layer).collect(),
+        config_bytes,
+        config_digest,
+        manifest_bytes,
+        manifest_digest,
+        tag: config
+            .tag
+            .rsplit_once(':')
+            .map_or("latest", |(_, tag)| tag)
+            .to_owned(),
+        image_name: config.tag.clone(),
+    })
+}
 
+/// The annotation listing the lineage (`name@version` each, root first).
+pub const LINEAGE: &str = "dev.cargo-appliance.lineage";
+/// The annotation holding the image's tree digest.
+pub const TREE_DIGEST: &str = "dev.cargo-appliance.tree-digest";
+
+impl Composed {
+    /// Write an OCI image layout into the empty directory `dir`, layer blobs hard-linked from
+    /// the cache (copied where links fail).
+    pub fn write_layout(&self, dir: &Path) -> anyhow::Result<()> {
+        let cache = BlobCache {
+            dir: self.cache_dir.clone(),
+        };
+        let blobs = dir.join("blobs/sha256");
+        fs_err::create_dir_all(&blobs)?;
+        for layer in &self.layers {
+            let target = blobs.join(&layer.digest);
+            if !target.exists() && std::fs::hard_link(cache.blob(&layer.digest), &target).is_err() {
+                fs_err::copy(cache.blob(&layer.digest), &target)?;
+            }
+        }
+        fs_err::write(blobs.join(&self.config_digest), &self.config_bytes)?;
+        fs_err::write(blobs.join(&self.manifest_digest), &self.manifest_bytes)?;
+        let index = json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": MEDIA_MANIFEST,
+                "digest": format!("sha256:{}", self.manifest_digest),
+                "size": self.manifest_bytes.len(),
+                "annotations": {
+                    "org.opencontainers.image.ref.name": self.tag,
+                    "io.containerd.image.name": self.image_name,
+                },
+            }],
+        });
+        fs_err::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+        fs_err::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        Ok(())
+    }
+
+    /// The tag the layout's index names the image by.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+}
+
+/// Write the image of `chain` (root first, the appliance last) as a layout directory and an
+/// archive. `created` is the image's creation time (clamped by the caller).
+pub fn write(
+    store: &Store,
+    chain: &[ImageRecord],
+    config: &OciConfig,
+    created: i64,
+    layout: &Path,
+    archive: &Path,
+) -> anyhow::Result<OciOutput> {
+    let composed = compose(store, chain, config, created, &BTreeMap::new())?;
     // The layout: written beside its final place, then swapped in.
     let parent = layout
         .parent()
@@ -370,24 +461,7 @@ pub fn write(
     let staging = tempfile::Builder::new()
         .prefix(".oci-")
         .tempdir_in(parent)?;
-    let blobs = staging.path().join("blobs/sha256");
-    fs_err::create_dir_all(&blobs)?;
-    for (_, layer) in &layers {
-        let target = blobs.join(&layer.digest);
-        if !target.exists() && std::fs::hard_link(cache.blob(&layer.digest), &target).is_err() {
-            fs_err::copy(cache.blob(&layer.digest), &target)?;
-        }
-    }
-    fs_err::write(blobs.join(&config_digest), &config_bytes)?;
-    fs_err::write(blobs.join(&manifest_digest), &manifest_bytes)?;
-    fs_err::write(
-        staging.path().join("index.json"),
-        serde_json::to_vec(&index)?,
-    )?;
-    fs_err::write(
-        staging.path().join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
+    composed.write_layout(staging.path())?;
     write_archive(staging.path(), archive)?;
     if layout.exists() {
         fs_err::remove_dir_all(layout)?;
@@ -396,7 +470,7 @@ pub fn write(
     Ok(OciOutput {
         layout: layout.to_path_buf(),
         archive: archive.to_path_buf(),
-        manifest_digest,
+        manifest_digest: composed.manifest_digest,
     })
 }
 

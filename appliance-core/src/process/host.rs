@@ -21,6 +21,8 @@ pub enum Need {
     Qcow2,
     /// `cargo appliance run`.
     Boot,
+    /// `push` and `pull`: the OCI distribution protocol.
+    Registry,
     /// The test suite only: independent readers of what the tool writes.
     Tests,
 }
@@ -69,7 +71,8 @@ pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram::new("cp", "coreutils", &[Need::Disk, Need::Tests]),
     HostProgram::new("qemu-img", "qemu-utils", &[Need::Qcow2, Need::Tests]),
     HostProgram::new("qemu-system-x86_64", "qemu-system-x86", &[Need::Boot]),
-    HostProgram::new("skopeo", "skopeo", &[Need::Tests]),
+    HostProgram::new("skopeo", "skopeo", &[Need::Registry, Need::Tests]),
+    HostProgram::new("docker-registry", "docker-registry", &[Need::Tests]),
     HostProgram::new("umoci", "umoci", &[Need::Tests]),
     HostProgram::new("python3", "python3", &[Need::Tests]),
     HostProgram::new("tar", "tar", &[Need::Tests]),

@@ -35,10 +35,12 @@ pub fn background(program: impl AsRef<std::ffi::OsStr>) -> Command {
 /// Run a [`background`] command to completion with its output captured, watched by
 /// [`interrupt`]: a signal stops it and the result is an [`interrupt::Interrupted`] error.
 pub fn output_of(command: &mut Command) -> std::io::Result<std::process::Output> {
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    wait_watched(command.stdout(Stdio::piped()).stderr(Stdio::piped()))
+}
+
+/// [`output_of`] with the caller's choice of stdio.
+fn wait_watched(command: &mut Command) -> std::io::Result<std::process::Output> {
+    let child = command.spawn()?;
     let watched = interrupt::watch(&child);
     let output = child.wait_with_output();
     drop(watched);
@@ -54,6 +56,8 @@ pub struct Cmd {
     program: OsString,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
+    /// Let stdout through to ours (a program's own progress bars on a terminal).
+    show_stdout: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +83,7 @@ impl Cmd {
             program: program.into(),
             args: Vec::new(),
             envs: Vec::new(),
+            show_stdout: false,
         }
     }
 
@@ -94,6 +99,12 @@ impl Cmd {
 
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Let the program's stdout through when `show` (stderr is still kept for errors).
+    pub fn show_stdout(mut self, show: bool) -> Self {
+        self.show_stdout = show;
         self
     }
 
@@ -124,13 +135,18 @@ impl Cmd {
                 source: std::io::Error::from(std::io::ErrorKind::NotFound),
             });
         }
-        let output = output_of(
-            background(&self.program)
-                .args(&self.args)
-                .envs(self.envs.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::null()),
-        )
-        .map_err(|source| CmdError::Spawn {
+        let mut command = background(&self.program);
+        command
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(if self.show_stdout {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
+            .stderr(Stdio::piped());
+        let output = wait_watched(&mut command).map_err(|source| CmdError::Spawn {
             program: self.program.to_string_lossy().into_owned(),
             hint: if source.kind() == std::io::ErrorKind::NotFound {
                 " (not installed? `.ci/install-deps` installs what cargo-appliance needs)".into()

@@ -699,10 +699,27 @@ pub fn import_oci_layout(
     let layers = manifest["layers"]
         .as_array()
         .context("the image manifest has no `layers`")?;
+    apply_oci_layers(&layout.join("blobs/sha256"), layers, None, staging, limits)
+}
+
+/// Apply the layer blobs `layers` (manifest descriptors, blobs as `<blobs>/<hex>`) in order
+/// onto `base` (or an empty tree). Every blob is checked against its descriptor's size and
+/// digest before its content counts.
+pub fn apply_oci_layers(
+    blobs: &Path,
+    layers: &[serde_json::Value],
+    base: Option<Tree>,
+    staging: &mut Staging,
+    limits: Limits,
+) -> anyhow::Result<Imported> {
     let mut builder = Builder::new(staging, limits);
+    if let Some(base) = base {
+        builder.tree = base;
+    }
     for layer in layers {
+        crate::process::interrupt::check()?;
         let (digest, size) = descriptor(layer)?;
-        let blob = blob_path(layout, &digest)?;
+        let blob = blob_path(blobs, &digest)?;
         let file = fs_err::File::open(&blob)?.into_parts().0;
         anyhow::ensure!(
             file.metadata()?.len() == size,
@@ -755,7 +772,8 @@ fn descriptor(value: &serde_json::Value) -> anyhow::Result<(String, u64)> {
     Ok((digest, size))
 }
 
-fn blob_path(layout: &Path, digest: &str) -> anyhow::Result<PathBuf> {
+/// `<blobs>/<hex>` for a `sha256:<hex>` digest, refusing anything else.
+fn blob_path(blobs: &Path, digest: &str) -> anyhow::Result<PathBuf> {
     let hex_part = digest
         .strip_prefix("sha256:")
         .with_context(|| format!("unsupported digest algorithm in {digest}"))?;
@@ -766,7 +784,7 @@ fn blob_path(layout: &Path, digest: &str) -> anyhow::Result<PathBuf> {
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
         "malformed digest {digest}"
     );
-    Ok(layout.join("blobs/sha256").join(hex_part))
+    Ok(blobs.join(hex_part))
 }
 
 fn read_blob_file(path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
@@ -792,7 +810,7 @@ fn read_verified_blob(
         size <= limit,
         "blob {digest} claims {size} bytes, more than {limit}"
     );
-    let data = read_blob_file(&blob_path(layout, &digest)?, limit)?;
+    let data = read_blob_file(&blob_path(&layout.join("blobs/sha256"), &digest)?, limit)?;
     anyhow::ensure!(
         data.len() as u64 == size,
         "blob {digest} is {} bytes, its descriptor says {size}",

@@ -50,3 +50,99 @@ pub fn is_root() -> bool {
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
+
+/// `find` of a tree, one line per entry (path, type, mode, owner, group, size, link target),
+/// sorted: two trees are equal when their listings are.
+pub fn tree_listing(root: &std::path::Path) -> Vec<String> {
+    let output = Command::new("find")
+        .arg(".")
+        .args(["-printf", "%p %y %m %U %G %s %l\n"])
+        .current_dir(root)
+        .output()
+        .expect("find runs");
+    assert!(output.status.success());
+    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        // Directory sizes are the filesystem's business, not the image's.
+        .map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            if fields.get(1) == Some(&"d") {
+                fields[..5].join(" ")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Docker's registry (Debian's `docker-registry`) on a loopback port with a configuration
+/// and storage of its own, its access log kept for counting requests; stopped on drop.
+pub struct Registry {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Registry {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("config");
+        let log = std::fs::File::create(dir.path().join("log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry runs (installed by .ci/install-deps)");
+        let registry = Self { port, dir, child };
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "the registry did not listen: {}",
+                registry.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// Access-log lines of requests with `method` whose path contains `path_part`.
+    pub fn requests(&self, method: &str, path_part: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&format!("\"{method} ")) && l.contains(path_part))
+            .count()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,421 @@
+//! Stored images through any OCI registry (Docker's registry, Harbor, GHCR, ECR, Zot…).
+//!
+//! The protocol is spoken by `skopeo` (containers/image: credentials from
+//! `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json` and
+//! `~/.docker/config.json`, basic and bearer auth, TLS with the system's roots, blob
+//! existence checks and cross-repository mounts, digest verification of everything it
+//! fetches); the store does what skopeo cannot know: which layers its trees already hold,
+//! and what an image is (name, version, tree digest, parent, provenance), carried as
+//! manifest annotations. An image pushed is a normal OCI image, one layer per lineage step
+//! (as the `oci` output writes), so images on one base share its layer in the registry.
+
+pub mod reference;
+mod skopeo;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context as _, bail};
+
+pub use reference::Reference;
+pub use skopeo::Access;
+
+use crate::output::oci::{self, OciConfig};
+use crate::store::{ImageRecord, NewTree, Store};
+
+/// Annotation keys of the store's facts.
+pub const NAME: &str = "dev.cargo-appliance.name";
+pub const VERSION: &str = "dev.cargo-appliance.version";
+pub const PARENT: &str = "dev.cargo-appliance.parent";
+pub const PARENT_TREE_DIGEST: &str = "dev.cargo-appliance.parent.tree-digest";
+/// `REGISTRY/REPOSITORY@sha256:…` of the parent's manifest, when it was pushed with it.
+pub const PARENT_MANIFEST: &str = "dev.cargo-appliance.parent.manifest";
+pub const PROVENANCE: &str = "dev.cargo-appliance.provenance";
+pub const PACKAGES: &str = "dev.cargo-appliance.packages";
+
+/// Manifests larger than this are refused before anything is fetched (the registry
+/// distribution spec's recommended limit, and skopeo's).
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// A lineage deeper than this is refused (a loop of parent references, or a hostile one).
+const MAX_LINEAGE: usize = 32;
+
+/// What one push sent.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pushed {
+    pub image: String,
+    pub reference: String,
+    /// `sha256:…` of the manifest.
+    pub digest: String,
+}
+
+/// Push `image` to `destination`; with `lineage`, its ancestors first (root first), each
+/// beside it ([`Reference::sibling`]: `host/team/web:2` puts `debian/bookworm@1` at
+/// `host/team/debian/bookworm:1`), so a pull can follow the parents.
+pub fn push(
+    store: &Store,
+    image: &str,
+    destination: &Reference,
+    lineage: bool,
+    access: &Access,
+    progress: bool,
+) -> anyhow::Result<Vec<Pushed>> {
+    skopeo::require()?;
+    anyhow::ensure!(
+        destination.digest.is_none(),
+        "push to a tag, not a digest: `{destination}` (the registry names what it stores by digest itself)"
+    );
+    // Holds off gc: compose reads objects, and the layout lives in the staging area.
+    let _lease = store.gc_lease()?;
+    let images = store.list()?;
+    let image = {
+        let catalog = store.read_catalog()?;
+        store.resolve(&catalog, image)?
+    };
+    let chain = chain_of(&images, &image)?;
+    let mut targets: Vec<(usize, Reference)> = Vec::new();
+    if lineage {
+        for (at, ancestor) in chain.iter().enumerate().take(chain.len() - 1) {
+            let reference = destination
+                .sibling(&ancestor.name, &ancestor.version)
+                .map_err(|e| {
+                    anyhow::anyhow!("{} cannot be pushed beside it: {e}", ancestor.reference())
+                })?;
+            targets.push((at, reference));
+        }
+    }
+    let mut destination = destination.clone();
+    if destination.tag.is_none() {
+        reference::check_tag(&image.version).map_err(|e| anyhow::anyhow!("{e}"))?;
+        destination.tag = Some(image.version.clone());
+    }
+    targets.push((chain.len() - 1, destination));
+    let staging = store.staging()?;
+    let mut pushed: Vec<Pushed> = Vec::new();
+    let mut parent_manifest: Option<String> = None;
+    for (at, reference) in targets {
+        let image = &chain[at];
+        let parent = at.checked_sub(1).map(|p| &chain[p]);
+        let annotations = facts(store, image, parent, parent_manifest.as_deref())?;
+        let created = crate::store::export::source_date_epoch()
+            .map_or(image.created_at, |epoch| image.created_at.min(epoch));
+        let config = OciConfig {
+            tag: reference.to_string(),
+            ..OciConfig::default()
+        };
+        let composed = oci::compose(store, &chain[..=at], &config, created, &annotations)
+            .with_context(|| format!("composing {} as an OCI image", image.reference()))?;
+        let layout = staging.dir().join(format!("push-{at}"));
+        composed.write_layout(&layout)?;
+        let digest = skopeo::copy(
+            &skopeo::Endpoint::Layout {
+                dir: layout.clone(),
+                tag: composed.tag().to_owned(),
+            },
+            &skopeo::Endpoint::Registry(&reference),
+            access,
+            progress,
+            None,
+        )
+        .with_context(|| format!("pushing {} to {reference}", image.reference()))?;
+        let expected = format!("sha256:{}", composed.manifest_digest);
+        anyhow::ensure!(
+            digest == expected,
+            "the registry stored {reference} as {digest}, not as the pushed manifest {expected}"
+        );
+        fs_err::remove_dir_all(&layout)?;
+        parent_manifest = Some(format!(
+            "{}/{}@{digest}",
+            reference.registry, reference.repository
+        ));
+        pushed.push(Pushed {
+            image: image.reference(),
+            reference: reference.to_string(),
+            digest,
+        });
+    }
+    staging.discard();
+    Ok(pushed)
+}
+
+/// The lineage of `image`, root first.
+fn chain_of(images: &[ImageRecord], image: &ImageRecord) -> anyhow::Result<Vec<ImageRecord>> {
+    let mut chain = vec![image.clone()];
+    while let Some(parent) = chain
+        .last()
+        .and_then(|i| i.parent)
+        .and_then(|p| images.iter().find(|i| i.id == p))
+    {
+        anyhow::ensure!(
+            chain.len() <= images.len(),
+            "the lineage of {} loops",
+            image.reference()
+        );
+        chain.push(parent.clone());
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
+/// The store's facts about `image` as annotations.
+fn facts(
+    store: &Store,
+    image: &ImageRecord,
+    parent: Option<&ImageRecord>,
+    parent_manifest: Option<&str>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut annotations = BTreeMap::new();
+    annotations.insert(NAME.to_owned(), image.name.clone());
+    annotations.insert(VERSION.to_owned(), image.version.clone());
+    annotations.insert(oci::TREE_DIGEST.to_owned(), image.tree_digest.clone());
+    if let Some(parent) = parent {
+        annotations.insert(PARENT.to_owned(), parent.reference());
+        annotations.insert(PARENT_TREE_DIGEST.to_owned(), parent.tree_digest.clone());
+    }
+    if let Some(manifest) = parent_manifest {
+        annotations.insert(PARENT_MANIFEST.to_owned(), manifest.to_owned());
+    }
+    annotations.insert(
+        PROVENANCE.to_owned(),
+        serde_json::to_string(&image.provenance)?,
+    );
+    let packages = store.read_catalog()?.packages(image.id)?;
+    if !packages.is_empty() {
+        let list: Vec<String> = packages
+            .iter()
+            .map(|p| format!("{}={}", p.name, p.version))
+            .collect();
+        annotations.insert(PACKAGES.to_owned(), list.join(" "));
+    }
+    Ok(annotations)
+}
+
+/// What a pull did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pulled {
+    pub image: String,
+    pub tree_digest: String,
+    /// `sha256:…` of the manifest.
+    pub digest: String,
+    /// Already in the store: nothing was fetched.
+    pub already_stored: bool,
+    /// Parents pulled first, root first.
+    pub parents: Vec<String>,
+    /// The parent the image derives from in this store (pulled or found by tree digest).
+    pub parent: Option<String>,
+}
+
+/// Pull `source` into the store, its parents first when they carry references and the store
+/// lacks them. `name` (`NAME` or `NAME@VERSION`) overrides the annotated name; an image
+/// without annotations (pushed by other tools) needs none: it is named after its
+/// repository and imported as a base of its own.
+pub fn pull(
+    store: &Store,
+    source: &Reference,
+    name: Option<&str>,
+    access: &Access,
+    progress: bool,
+) -> anyhow::Result<Pulled> {
+    skopeo::require()?;
+    let _lease = store.gc_lease()?;
+    let mut parents = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut pulled = pull_one(
+        store,
+        source,
+        name,
+        access,
+        progress,
+        &mut parents,
+        &mut seen,
+    )?;
+    pulled.parents = parents;
+    Ok(pulled)
+}
+
+fn pull_one(
+    store: &Store,
+    source: &Reference,
+    name: Option<&str>,
+    access: &Access,
+    progress: bool,
+    parents: &mut Vec<String>,
+    seen: &mut BTreeSet<String>,
+) -> anyhow::Result<Pulled> {
+    let (pinned, manifest_bytes) = skopeo::manifest(source, access)?;
+    let digest = pinned.digest.clone().unwrap_or_default();
+    anyhow::ensure!(
+        seen.insert(digest.clone()) && seen.len() <= MAX_LINEAGE,
+        "{source}: the parent references loop or go deeper than {MAX_LINEAGE} images"
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes)
+        .with_context(|| format!("{source}: parsing the manifest"))?;
+    let layers = manifest["layers"]
+        .as_array()
+        .with_context(|| format!("{source}: the manifest has no `layers`"))?
+        .clone();
+    let annotations: BTreeMap<String, String> = manifest["annotations"]
+        .as_object()
+        .map(|object| {
+            object
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let claimed_tree = annotations.get(oci::TREE_DIGEST).cloned();
+    let (image_name, version) = match name {
+        Some(name) => crate::store::parse_new_reference(name)?,
+        None => match annotations.get(NAME) {
+            Some(annotated) => {
+                let annotated = match annotations.get(VERSION) {
+                    Some(version) => format!("{annotated}@{version}"),
+                    None => annotated.clone(),
+                };
+                crate::store::parse_new_reference(&annotated)
+                    .with_context(|| format!("{source}: the annotated name"))?
+            }
+            None => (
+                source.repository.clone(),
+                source
+                    .tag
+                    .clone()
+                    .filter(|tag| crate::manifest::version::Version::parse(tag).is_ok()),
+            ),
+        },
+    };
+    let images = store.list()?;
+    // The same image already here: nothing moves.
+    if let Some(tree) = &claimed_tree
+        && let Some(existing) = images
+            .iter()
+            .find(|i| &i.tree_digest == tree && i.name == image_name)
+    {
+        return Ok(Pulled {
+            image: existing.reference(),
+            tree_digest: existing.tree_digest.clone(),
+            digest,
+            already_stored: true,
+            parents: Vec::new(),
+            parent: parent_reference(&images, existing),
+        });
+    }
+    if let Some(version) = &version
+        && let Some(taken) = images
+            .iter()
+            .find(|i| i.name == image_name && &i.version == version)
+    {
+        bail!(
+            "{source}: the store already has {} with other content (tree {}); pull it under another name or version with `--name NAME@VERSION`",
+            taken.reference(),
+            crate::build::short(&taken.tree_digest)
+        );
+    }
+    // The parent: found by tree digest, else pulled from its annotated manifest.
+    let mut parent: Option<ImageRecord> = None;
+    if let Some(parent_tree) = annotations.get(PARENT_TREE_DIGEST) {
+        parent = images
+            .iter()
+            .find(|i| &i.tree_digest == parent_tree)
+            .cloned();
+        if parent.is_none()
+            && let Some(parent_manifest) = annotations.get(PARENT_MANIFEST)
+        {
+            let parent_source = Reference::parse(parent_manifest)
+                .map_err(|e| anyhow::anyhow!("{source}: the parent annotation: {e}"))?;
+            anyhow::ensure!(
+                parent_source.registry == source.registry,
+                "{source}: its parent is in another registry ({}); pull it from there first",
+                parent_source.registry
+            );
+            let pulled = pull_one(store, &parent_source, None, access, progress, parents, seen)?;
+            parents.push(pulled.image.clone());
+            let images = store.list()?;
+            parent = images
+                .iter()
+                .find(|i| &i.tree_digest == parent_tree)
+                .cloned();
+            anyhow::ensure!(
+                parent.is_some(),
+                "{source}: its parent {parent_source} holds another tree than the annotation says"
+            );
+        }
+    }
+    let staging_dir = store.staging()?;
+    let layout = staging_dir.dir().join("pull");
+    let blobs = oci::blob_dir(store);
+    fs_err::create_dir_all(&blobs)?;
+    skopeo::copy(
+        &skopeo::Endpoint::Registry(&pinned),
+        &skopeo::Endpoint::Layout {
+            dir: layout.clone(),
+            tag: "pulled".into(),
+        },
+        access,
+        progress,
+        Some(&blobs),
+    )
+    .with_context(|| format!("pulling {source}"))?;
+    // Layers the parent's tree already holds are not applied again: the image's own layer
+    // goes onto the parent's stored tree, and the tree digest check below proves the result.
+    let (base, own_layers) = match &parent {
+        Some(parent) if !layers.is_empty() && claimed_tree.is_some() => {
+            (Some(store.tree(parent)?), &layers[layers.len() - 1..])
+        }
+        _ => (None, &layers[..]),
+    };
+    let mut staging = staging_dir;
+    let imported = crate::store::import::apply_oci_layers(
+        &blobs.join("sha256"),
+        own_layers,
+        base,
+        &mut staging,
+        crate::store::import::Limits::default(),
+    )
+    .with_context(|| format!("importing {source}"))?;
+    let tree_digest = imported.tree.digest();
+    if let Some(claimed) = &claimed_tree {
+        anyhow::ensure!(
+            &tree_digest == claimed,
+            "{source}: its layers make tree {tree_digest}, but its annotation says {claimed}; refusing it"
+        );
+    }
+    let mut provenance = annotations
+        .get(PROVENANCE)
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(object) = provenance.as_object_mut() {
+        object.insert(
+            "pulled".into(),
+            serde_json::json!({ "from": source.to_string(), "manifest": digest }),
+        );
+    }
+    // The layout's own files; the blobs stay in the cache for the next pull.
+    let _ = fs_err::remove_dir_all(&layout);
+    let record = store.commit_tree(
+        &NewTree {
+            name: image_name,
+            version,
+            parent: parent.as_ref().map(|p| p.id),
+            provenance,
+        },
+        &imported.tree,
+        staging,
+        imported.dpkg_status.as_deref(),
+    )?;
+    Ok(Pulled {
+        image: record.reference(),
+        tree_digest: record.tree_digest.clone(),
+        digest,
+        already_stored: false,
+        parents: Vec::new(),
+        parent: parent.map(|p| p.reference()),
+    })
+}
+
+fn parent_reference(images: &[ImageRecord], image: &ImageRecord) -> Option<String> {
+    let parent = image.parent?;
+    images
+        .iter()
+        .find(|i| i.id == parent)
+        .map(ImageRecord::reference)
+}

@@ -1,0 +1,404 @@
+//! Stored images through a real OCI registry: Docker's registry (Debian's `docker-registry`)
+//! on a loopback port with storage of its own, skopeo and umoci as independent readers.
+//! Needs root for nothing; the appliances here have no package step.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+mod support;
+use support::{Registry, binary};
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A store and a workspace beside it.
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn workspace(&self) -> PathBuf {
+        self.dir.path().join("ws")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        binary()
+            .arg("--store")
+            .arg(self.store())
+            .args(args)
+            .env("CARGO_TARGET_DIR", self.dir.path().join("target"))
+            .output()
+            .expect("the binary runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(output.status.success(), "{args:?}: {}", text(&output));
+        text(&output)
+    }
+
+    /// A workspace whose appliance `web` derives from `base` with one copied file.
+    fn workspace_on(&self, base: &str, motd: &str) {
+        let ws = self.workspace();
+        write(
+            &ws.join("Cargo.toml"),
+            "[package]\nname = \"tool\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+        );
+        write(&ws.join("src/main.rs"), "fn main() {}\n");
+        write(&ws.join("etc/motd"), motd);
+        write(
+            &ws.join("appliance.kdl"),
+            &format!(
+                "appliance \"web\" {{\n    base \"{base}\"\n    copy \"etc/motd\" to=\"/etc/motd\"\n    user \"api\"\n}}\n"
+            ),
+        );
+    }
+
+    fn build(&self) {
+        let manifest = self.workspace().join("Cargo.toml");
+        let manifest = manifest.to_string_lossy().into_owned();
+        self.ok(&["build", "--manifest-path", &manifest]);
+    }
+
+    /// (reference, tree digest, parent reference) of every image.
+    fn images(&self) -> Vec<(String, String, Option<String>)> {
+        let listing = self.ok(&["images", "--message-format", "json"]);
+        let records: Vec<serde_json::Value> = listing
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        let by_id = |id: &serde_json::Value| {
+            records.iter().find(|r| &r["id"] == id).map(|r| {
+                format!(
+                    "{}@{}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["version"].as_str().unwrap_or("")
+                )
+            })
+        };
+        let mut images: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    format!(
+                        "{}@{}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["version"].as_str().unwrap_or("")
+                    ),
+                    r["tree_digest"].as_str().unwrap_or("").to_owned(),
+                    by_id(&r["parent"]),
+                )
+            })
+            .collect();
+        images.sort();
+        images
+    }
+
+    fn packages(&self, image: &str) -> serde_json::Value {
+        let shown = self.ok(&["image", "show", image, "--message-format", "json"]);
+        let line = shown.lines().find(|l| l.starts_with('{')).expect("json");
+        serde_json::from_str::<serde_json::Value>(line).expect("json")["packages"].clone()
+    }
+
+    fn fsck_is_clean(&self) {
+        self.ok(&["fsck"]);
+    }
+}
+
+fn skopeo(args: &[&str]) -> String {
+    let output = Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("skopeo runs (installed by .ci/install-deps)");
+    assert!(
+        output.status.success(),
+        "skopeo {args:?}: {}",
+        text(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The minbase image, and `web` built on it.
+fn source_site() -> Site {
+    let site = Site::new();
+    let tarball = support::minbase_tarball();
+    site.ok(&[
+        "image",
+        "import",
+        "debian/bookworm",
+        &tarball.to_string_lossy(),
+    ]);
+    site.workspace_on("debian/bookworm", "hello from the team\n");
+    site.build();
+    site
+}
+
+#[test]
+fn an_image_pushed_with_its_lineage_is_an_oci_image_and_pulls_back_whole() {
+    let registry = Registry::start();
+    let host = registry.host();
+    let source = source_site();
+    let pushed = source.ok(&["push", "web", &format!("{host}/team/web"), "--lineage"]);
+    assert!(
+        pushed.contains(&format!(
+            "debian/bookworm@1 → {host}/team/debian/bookworm:1"
+        )),
+        "{pushed}"
+    );
+    assert!(
+        pushed.contains(&format!("web@1 → {host}/team/web:1")),
+        "{pushed}"
+    );
+
+    // Other tools read it as a normal image, and its tree is the store's.
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{host}/team/web:1"),
+    ]))
+    .expect("json");
+    assert_eq!(
+        inspected["Layers"].as_array().map(Vec::len),
+        Some(2),
+        "{inspected}"
+    );
+    let copied = source.dir.path().join("copied");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{host}/team/web:1"),
+        &format!("oci:{}:1", copied.display()),
+    ]);
+    let bundle = source.dir.path().join("bundle");
+    let unpack = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:1", copied.display()))
+        .arg(&bundle)
+        .output()
+        .expect("umoci runs");
+    assert!(unpack.status.success(), "{}", text(&unpack));
+    let exported = source.dir.path().join("exported");
+    source.ok(&[
+        "image",
+        "export",
+        "web@1",
+        "-o",
+        &exported.to_string_lossy(),
+    ]);
+    let unpacked = support::tree_listing(&bundle.join("rootfs"));
+    let stored = support::tree_listing(&exported);
+    assert!(stored.len() > 5000, "{}", stored.len());
+    assert_eq!(
+        unpacked, stored,
+        "umoci's unpacking equals the store's export"
+    );
+
+    // Pulled into an empty store: the same trees, packages and lineage; the base layer is
+    // fetched once, for the parent, and not again for the image that shares it.
+    let base_layer = inspected["Layers"][0].as_str().expect("layer").to_owned();
+    let base_reads = registry.requests("GET", &format!("/blobs/{base_layer}"));
+    let other = Site::new();
+    let pulled = other.ok(&["pull", &format!("{host}/team/web:1")]);
+    assert_eq!(
+        registry.requests("GET", &format!("/blobs/{base_layer}")),
+        base_reads + 1
+    );
+    assert!(
+        pulled.contains("derived from debian/bookworm@1"),
+        "{pulled}"
+    );
+    assert_eq!(other.images(), source.images());
+    assert_eq!(other.packages("web@1"), source.packages("web@1"));
+    assert!(
+        other
+            .packages("web@1")
+            .as_array()
+            .is_some_and(|p| p.len() > 50),
+        "the packages came along"
+    );
+    other.fsck_is_clean();
+
+    // Again: nothing moves.
+    let blob_reads = registry.requests("GET", "/blobs/");
+    let again = other.ok(&["pull", &format!("{host}/team/web:1")]);
+    assert!(again.contains("already stored"), "{again}");
+    assert_eq!(registry.requests("GET", "/blobs/"), blob_reads);
+
+    // A rebuilt appliance: its push sends its own layer and config only, and its pull
+    // fetches no layer of the base it shares.
+    source.workspace_on("debian/bookworm", "hello again\n");
+    source.build();
+    let uploads = registry.requests("PATCH", "/blobs/uploads/");
+    let base_uploads = registry.requests("PATCH", "/team/debian/bookworm/blobs/uploads/");
+    source.ok(&["push", "web@2", &format!("{host}/team/web"), "--lineage"]);
+    assert_eq!(
+        registry.requests("PATCH", "/blobs/uploads/") - uploads,
+        2,
+        "one layer and one config sent"
+    );
+    assert_eq!(
+        registry.requests("PATCH", "/team/debian/bookworm/blobs/uploads/"),
+        base_uploads
+    );
+    let base_reads = registry.requests("GET", &format!("/blobs/{base_layer}"));
+    other.ok(&["pull", &format!("{host}/team/web:2")]);
+    assert_eq!(
+        registry.requests("GET", &format!("/blobs/{base_layer}")),
+        base_reads
+    );
+    assert_eq!(other.images(), source.images());
+    other.fsck_is_clean();
+}
+
+#[test]
+fn an_image_pushed_by_other_tools_pulls_as_a_base_that_builds_on() {
+    let registry = Registry::start();
+    let host = registry.host();
+    let work = tempfile::tempdir().expect("temp dir");
+    // A plain OCI layout made by umoci: a small root with no annotations of ours.
+    let layout = work.path().join("layout");
+    let bundle = work.path().join("bundle");
+    for args in [
+        vec!["init", "--layout", &*layout.to_string_lossy()],
+        vec!["new", "--image", &format!("{}:1", layout.display())],
+        vec![
+            "unpack",
+            "--image",
+            &format!("{}:1", layout.display()),
+            &*bundle.to_string_lossy(),
+        ],
+    ] {
+        let output = Command::new("umoci")
+            .args(&args)
+            .output()
+            .expect("umoci runs");
+        assert!(output.status.success(), "umoci {args:?}: {}", text(&output));
+    }
+    write(&bundle.join("rootfs/etc/os-release"), "ID=tiny\n");
+    write(
+        &bundle.join("rootfs/etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+    );
+    write(&bundle.join("rootfs/etc/group"), "root:x:0:\n");
+    write(
+        &bundle.join("rootfs/etc/shadow"),
+        "root:*:19000:0:99999:7:::\n",
+    );
+    write(&bundle.join("rootfs/etc/gshadow"), "root:*::\n");
+    let repack = Command::new("umoci")
+        .args(["repack", "--image"])
+        .arg(format!("{}:1", layout.display()))
+        .arg(&bundle)
+        .output()
+        .expect("umoci runs");
+    assert!(repack.status.success(), "{}", text(&repack));
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:1", layout.display()),
+        &format!("docker://{host}/plain/tiny:1"),
+    ]);
+
+    let site = Site::new();
+    let pulled = site.ok(&["pull", &format!("{host}/plain/tiny:1")]);
+    assert!(
+        pulled.contains("plain/tiny@1"),
+        "named after its repository and tag: {pulled}"
+    );
+    assert!(pulled.contains("a base of its own"), "{pulled}");
+    site.workspace_on("plain/tiny", "built on a pulled base\n");
+    site.build();
+    let images = site.images();
+    assert!(
+        images
+            .iter()
+            .any(|(image, _, parent)| image == "web@1" && parent.as_deref() == Some("plain/tiny@1")),
+        "{images:?}"
+    );
+}
+
+#[test]
+fn a_pull_refuses_an_image_whose_layers_are_not_what_its_annotations_say() {
+    let registry = Registry::start();
+    let host = registry.host();
+    let source = source_site();
+    source.ok(&["push", "web", &format!("{host}/team/web")]);
+    // Copy it out, change the claimed tree digest, push it back under another name.
+    let copied = source.dir.path().join("liar");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        &format!("docker://{host}/team/web:1"),
+        &format!("oci:{}:1", copied.display()),
+    ]);
+    let script = r#"
+import hashlib, json, os, sys
+layout = sys.argv[1]
+index = json.load(open(os.path.join(layout, "index.json")))
+old = index["manifests"][0]["digest"].split(":")[1]
+manifest = json.load(open(os.path.join(layout, "blobs/sha256", old)))
+manifest["annotations"]["dev.cargo-appliance.tree-digest"] = "0" * 64
+data = json.dumps(manifest).encode()
+new = hashlib.sha256(data).hexdigest()
+open(os.path.join(layout, "blobs/sha256", new), "wb").write(data)
+index["manifests"][0]["digest"] = "sha256:" + new
+index["manifests"][0]["size"] = len(data)
+json.dump(index, open(os.path.join(layout, "index.json"), "w"))
+"#;
+    let edited = Command::new("python3")
+        .args(["-c", script])
+        .arg(&copied)
+        .output()
+        .expect("python3 runs");
+    assert!(edited.status.success(), "{}", text(&edited));
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:1", copied.display()),
+        &format!("docker://{host}/team/liar:1"),
+    ]);
+    let other = Site::new();
+    let refused = other.run(&["pull", &format!("{host}/team/liar:1")]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("its annotation says"),
+        "{}",
+        text(&refused)
+    );
+    assert!(other.images().is_empty(), "nothing stored");
+    other.fsck_is_clean();
+    // A name that is not a registry reference says what to write.
+    let malformed = other.run(&["pull", "team/web:1"]);
+    assert!(
+        text(&malformed).contains("HOST[:PORT]/REPOSITORY[:TAG]"),
+        "{}",
+        text(&malformed)
+    );
+}
