@@ -402,3 +402,65 @@ json.dump(index, open(os.path.join(layout, "index.json"), "w"))
         text(&malformed)
     );
 }
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+impl Site {
+    /// `suggest` for the fixture workspace of the suggestion tests, as JSON lines.
+    fn suggestions(&self) -> Vec<serde_json::Value> {
+        let output = binary()
+            .arg("--store")
+            .arg(self.store())
+            .args(["suggest", "--message-format", "json"])
+            .current_dir(fixtures().join("suggest"))
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{}", text(&output));
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    }
+}
+
+#[test]
+fn a_history_pushed_by_one_store_gives_another_its_evidence_once() {
+    let registry = Registry::start();
+    let host = registry.host();
+    let source = source_site();
+    let history = fixtures().join("suggest/history.jsonl");
+    source.ok(&["history", "import", &history.to_string_lossy()]);
+    let pushed = source.ok(&["history", "push", &format!("{host}/team/history:1")]);
+    // The fixture's 40 derivations and the store's one build of `web`.
+    assert!(pushed.contains("41 derivations"), "{pushed}");
+
+    let other = Site::new();
+    assert!(other.suggestions().is_empty(), "no history, no suggestions");
+    let pulled = other.ok(&["history", "pull", &format!("{host}/team/history:1")]);
+    assert!(
+        pulled.contains(&format!("origin pull:{host}/team/history")),
+        "{pulled}"
+    );
+    let expected = source.suggestions();
+    assert!(!expected.is_empty());
+    assert_eq!(other.suggestions(), expected, "the same evidence");
+
+    // Pulled again: merged, not added.
+    let origins = other.ok(&["history", "--message-format", "json"]);
+    other.ok(&["history", "pull", &format!("{host}/team/history:1")]);
+    assert_eq!(other.ok(&["history", "--message-format", "json"]), origins);
+    assert_eq!(other.suggestions(), expected);
+
+    // An image is not a history.
+    source.ok(&["push", "web", &format!("{host}/team/web")]);
+    let refused = other.run(&["history", "pull", &format!("{host}/team/web:1")]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("is not a cargo-appliance history"),
+        "{}",
+        text(&refused)
+    );
+}

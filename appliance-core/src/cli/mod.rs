@@ -210,6 +210,19 @@ pub enum HistoryCommand {
     Import { file: PathBuf },
     /// Write the history as JSON Lines (`-` for stdout), or Parquet when FILE ends in .parquet
     Export { file: PathBuf },
+    /// Push the history (all but the seed; this store's builds once per appliance) to a
+    /// registry as an OCI artifact: HOST[:PORT]/REPOSITORY[:TAG]
+    Push {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Pull a history artifact and merge it (pulled again, it replaces what it brought before)
+    Pull {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// Re-derive the history of the stored images from the catalog
     Rebuild,
     /// Leave-one-out recall@5/@10 of the suggestions and of a popularity baseline
@@ -353,6 +366,9 @@ pub fn run(cli: &Cli) -> ExitCode {
             | Command::Image(ImageCommand::Import { .. } | ImageCommand::Export { .. })
             | Command::Push(_)
             | Command::Pull(_)
+            | Command::History(HistoryArgs {
+                command: Some(HistoryCommand::Push { .. } | HistoryCommand::Pull { .. })
+            })
     )
     .then(interrupt::clean_stop);
     let code = run_command(cli);

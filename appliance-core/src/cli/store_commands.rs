@@ -293,6 +293,64 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
             }
         }
         Command::History(HistoryArgs {
+            command:
+                Some(HistoryCommand::Push {
+                    reference,
+                    registry,
+                }),
+        }) => {
+            let destination = registry_reference(reference)?;
+            let (pushed, count) = crate::registry::history::push(
+                &store,
+                &destination,
+                &registry.access(),
+                transfer_progress(global),
+            )?;
+            if json {
+                print_json(&serde_json::json!({
+                    "pushed": count, "reference": pushed.reference, "digest": pushed.digest,
+                }))?;
+            } else {
+                status(
+                    global,
+                    "Pushed",
+                    &format!(
+                        "{} to {} ({})",
+                        plural(count, "derivation"),
+                        pushed.reference,
+                        pushed.digest
+                    ),
+                );
+            }
+        }
+        Command::History(HistoryArgs {
+            command:
+                Some(HistoryCommand::Pull {
+                    reference,
+                    registry,
+                }),
+        }) => {
+            let source = registry_reference(reference)?;
+            let (origin, count) = crate::registry::history::pull(
+                &store,
+                &source,
+                &registry.access(),
+                transfer_progress(global),
+            )?;
+            if json {
+                print_json(&serde_json::json!({"pulled": count, "origin": origin}))?;
+            } else {
+                status(
+                    global,
+                    "Pulled",
+                    &format!(
+                        "{} from {source} (origin {origin})",
+                        plural(count, "derivation")
+                    ),
+                );
+            }
+        }
+        Command::History(HistoryArgs {
             command: Some(HistoryCommand::Export { file }),
         }) => {
             let catalog = store.read_catalog()?;

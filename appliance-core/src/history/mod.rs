@@ -14,7 +14,7 @@ pub mod seed;
 pub mod stats;
 pub mod suggest;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
@@ -187,8 +187,45 @@ pub fn insert_for_images<'a>(
     derivations: impl IntoIterator<Item = (&'a Derivation, Option<i64>)>,
     origin: &str,
 ) -> anyhow::Result<usize> {
-    let mut count = 0;
     let tx = conn.transaction()?;
+    let count = insert_in(&tx, derivations, origin)?;
+    tx.commit().context("committing the history")?;
+    Ok(count)
+}
+
+/// Replace every derivation of each origin in `incoming` (derivation, origin) with those
+/// given, in one transaction: a pulled history merges into the store as often as it is
+/// pulled, never twice.
+pub fn replace_origins(
+    conn: &mut Connection,
+    incoming: &[(Derivation, String)],
+) -> anyhow::Result<usize> {
+    let origins: BTreeSet<&str> = incoming.iter().map(|(_, o)| o.as_str()).collect();
+    let tx = conn.transaction()?;
+    for origin in &origins {
+        remove_in(&tx, "origin = ?", &[origin])?;
+    }
+    let mut count = 0;
+    for origin in &origins {
+        count += insert_in(
+            &tx,
+            incoming
+                .iter()
+                .filter(|(_, o)| o == origin)
+                .map(|(d, _)| (d, None)),
+            origin,
+        )?;
+    }
+    tx.commit().context("committing the history")?;
+    Ok(count)
+}
+
+fn insert_in<'a>(
+    tx: &duckdb::Transaction<'_>,
+    derivations: impl IntoIterator<Item = (&'a Derivation, Option<i64>)>,
+    origin: &str,
+) -> anyhow::Result<usize> {
+    let mut count = 0;
     // Ids are allocated under the catalog's exclusive lock, which every writer holds.
     let first: i64 = tx.query_row(
         "SELECT coalesce(max(id), 0) + 1 FROM derivations",
@@ -239,7 +276,6 @@ pub fn insert_for_images<'a>(
          DELETE FROM incoming_changes;",
     )
     .context("recording the changes")?;
-    tx.commit().context("committing the history")?;
     Ok(count)
 }
 
@@ -251,6 +287,16 @@ pub fn remove(
     values: &[&dyn duckdb::ToSql],
 ) -> anyhow::Result<usize> {
     let tx = conn.transaction()?;
+    let count = remove_in(&tx, filter, values)?;
+    tx.commit().context("committing the history")?;
+    Ok(count)
+}
+
+fn remove_in(
+    tx: &duckdb::Transaction<'_>,
+    filter: &str,
+    values: &[&dyn duckdb::ToSql],
+) -> anyhow::Result<usize> {
     tx.execute_batch(
         "CREATE TEMPORARY TABLE IF NOT EXISTS doomed_derivations (id BIGINT NOT NULL);
          DELETE FROM doomed_derivations;",
@@ -270,7 +316,6 @@ pub fn remove(
          DELETE FROM doomed_derivations;",
     )
     .context("removing derivations")?;
-    tx.commit().context("committing the history")?;
     Ok(count)
 }
 
@@ -330,24 +375,44 @@ pub fn origins(conn: &Connection) -> anyhow::Result<Vec<(String, i64)>> {
 }
 
 fn read_parquet(conn: &Connection, path: &Path) -> anyhow::Result<Vec<Derivation>> {
+    Ok(read_parquet_rows(conn, path, "NULL")?
+        .into_iter()
+        .map(|(derivation, _)| derivation)
+        .collect())
+}
+
+/// Derivations of a Parquet file with the value of `origin` (a column, or `NULL`) for each.
+fn read_parquet_rows(
+    conn: &Connection,
+    path: &Path,
+    origin: &str,
+) -> anyhow::Result<Vec<(Derivation, Option<String>)>> {
     // Numbered rows, then their changes unnested: no JSON extension needed (the bundled
     // DuckDB has none, and must never try to download one).
     let source = format!(
-        "(SELECT file_row_number + 1 AS row, parent, child, changes FROM read_parquet('{}', file_row_number = true))",
+        "(SELECT file_row_number + 1 AS row, parent, child, {origin} AS origin, changes FROM read_parquet('{}', file_row_number = true))",
         path.to_string_lossy().replace('\'', "''")
     );
-    let mut derivations: Vec<Derivation> = Vec::new();
-    let mut statement =
-        conn.prepare(&format!("SELECT parent, child FROM {source} ORDER BY row"))?;
+    let mut rows: Vec<(Derivation, Option<String>)> = Vec::new();
+    let mut statement = conn.prepare(&format!(
+        "SELECT parent, child, origin::VARCHAR FROM {source} ORDER BY row"
+    ))?;
     for row in statement.query_map([], |row| {
-        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, Option<String>>(2)?,
+        ))
     })? {
-        let (parent, child) = row.with_context(|| format!("reading {}", path.display()))?;
-        derivations.push(Derivation {
-            parent,
-            child,
-            changes: Vec::new(),
-        });
+        let (parent, child, origin) = row.with_context(|| format!("reading {}", path.display()))?;
+        rows.push((
+            Derivation {
+                parent,
+                child,
+                changes: Vec::new(),
+            },
+            origin,
+        ));
     }
     let mut statement = conn.prepare(&format!(
         "SELECT row, change.kind, change.subject FROM (SELECT row, unnest(changes) AS change FROM {source}) ORDER BY row"
@@ -360,14 +425,64 @@ fn read_parquet(conn: &Connection, path: &Path) -> anyhow::Result<Vec<Derivation
         ))
     })? {
         let (number, kind, subject) = row?;
-        if let Some(derivation) = usize::try_from(number - 1)
+        if let Some((derivation, _)) = usize::try_from(number - 1)
             .ok()
-            .and_then(|i| derivations.get_mut(i))
+            .and_then(|i| rows.get_mut(i))
         {
             derivation.changes.push(Change { kind, subject });
         }
     }
-    Ok(derivations)
+    Ok(rows)
+}
+
+/// Write what this store can share with others to Parquet (parent, child, origin, changes):
+/// every derivation but the seed's (every store has it), the store's own builds once per
+/// appliance (the latest) and without step images, as the evidence counts them.
+pub fn export_shared(conn: &Connection, path: &Path) -> anyhow::Result<usize> {
+    let target = path.to_string_lossy().replace('\'', "''");
+    conn.execute_batch(&format!(
+        "COPY (
+            SELECT d.parent, d.child, d.origin,
+                   coalesce(list({{'kind': c.kind, 'subject': c.subject}} ORDER BY c.kind, c.subject)
+                            FILTER (WHERE c.kind IS NOT NULL), []) AS changes
+            FROM derivations d
+            LEFT JOIN (SELECT derivation, kind, subject FROM changes JOIN items ON items.id = changes.item) c
+                ON c.derivation = d.id
+            WHERE d.origin <> '{seed}'
+              AND (d.origin <> 'store' OR (NOT contains(split_part(d.child, '@', 1), '/')
+                   AND d.id IN (SELECT max(id) FROM derivations WHERE origin = 'store'
+                                GROUP BY parent, split_part(child, '@', 1))))
+            GROUP BY d.id, d.parent, d.child, d.origin ORDER BY d.id
+        ) TO '{target}' (FORMAT parquet)",
+        seed = seed::ORIGIN
+    ))
+    .with_context(|| format!("writing {}", path.display()))?;
+    let count: i64 = conn.query_row(
+        &format!("SELECT count(*) FROM read_parquet('{target}')"),
+        [],
+        |row| row.get(0),
+    )?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
+/// Read a file of [`export_shared`] as it merges into this store: the sender's own builds
+/// (`store`) become `store_origin`, other origins keep their names, the seed is skipped.
+pub fn read_shared(
+    conn: &Connection,
+    path: &Path,
+    store_origin: &str,
+) -> anyhow::Result<Vec<(Derivation, String)>> {
+    Ok(read_parquet_rows(conn, path, "origin")?
+        .into_iter()
+        .filter_map(|(derivation, origin)| {
+            let origin = match origin.as_deref() {
+                Some("store") | None => store_origin.to_owned(),
+                Some(seed::ORIGIN) => return None,
+                Some(other) => other.to_owned(),
+            };
+            Some((derivation, origin))
+        })
+        .collect())
 }
 
 /// Every derivation with its changes, in id order.

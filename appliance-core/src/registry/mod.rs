@@ -9,6 +9,7 @@
 //! manifest annotations. An image pushed is a normal OCI image, one layer per lineage step
 //! (as the `oci` output writes), so images on one base share its layer in the registry.
 
+pub mod history;
 pub mod reference;
 mod skopeo;
 
