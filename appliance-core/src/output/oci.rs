@@ -286,23 +286,31 @@ pub fn compose(
         dir: store.root().join("cache/oci"),
     };
     let mut layers = Vec::new();
-    let mut parent_tree: Option<Tree> = None;
     let mut parent_digest = String::new();
-    for image in chain {
+    for (at, image) in chain.iter().enumerate() {
         crate::process::interrupt::check()?;
-        let tree = store.tree(image)?;
         // v2: gzip by zlib-rs (other bytes than v1's miniz_oxide for the same layer; a cached
         // v1 layer would make the output depend on what the cache held).
         let key = hex(&Sha256::digest(
             format!("layer v2 {parent_digest} {} {epoch:?}", image.tree_digest).as_bytes(),
         ));
-        let layer_tree = layer_tree(parent_tree.as_ref(), &tree);
-        let layer = cache
-            .write_layer(&key, &layer_tree, &objects, epoch)
-            .with_context(|| format!("writing the layer of {}", image.reference()))?;
+        // A cached layer needs no tree: a re-push or an unchanged output reads no catalog.
+        let layer = match cache.layer(&key) {
+            Some(layer) => layer,
+            None => {
+                let tree = store.tree(image)?;
+                let parent_tree = match at.checked_sub(1) {
+                    Some(parent) => Some(store.tree(&chain[parent])?),
+                    None => None,
+                };
+                let layer_tree = layer_tree(parent_tree.as_ref(), &tree);
+                cache
+                    .write_layer(&key, &layer_tree, &objects, epoch)
+                    .with_context(|| format!("writing the layer of {}", image.reference()))?
+            }
+        };
         layers.push((image.reference(), layer));
         parent_digest = image.tree_digest.clone();
-        parent_tree = Some(tree);
     }
     let created = rfc3339(created);
     let mut env: Vec<String> = vec![DEFAULT_PATH.to_owned()];
