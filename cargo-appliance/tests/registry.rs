@@ -464,3 +464,96 @@ fn a_history_pushed_by_one_store_gives_another_its_evidence_once() {
         text(&refused)
     );
 }
+
+#[test]
+fn a_base_missing_from_the_store_comes_from_the_registry_and_the_lock_pins_it() {
+    let registry = Registry::start();
+    let host = registry.host();
+    let source = source_site();
+    source.ok(&[
+        "push",
+        "debian/bookworm",
+        &format!("{host}/team/debian/bookworm"),
+    ]);
+
+    let site = Site::new();
+    site.workspace_on("debian/bookworm", "from the registry\n");
+    let manifest = site.workspace().join("appliance.kdl");
+    let original = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::write(
+        &manifest,
+        original.replace(
+            "base \"debian/bookworm\"",
+            &format!("base \"debian/bookworm\" version=\">=1\" registry=\"{host}/team\""),
+        ),
+    )
+    .expect("write");
+    let cargo_toml = site.workspace().join("Cargo.toml");
+    let cargo_toml = cargo_toml.to_string_lossy().into_owned();
+
+    // --offline never reaches the registry.
+    let offline = site.run(&["build", "--manifest-path", &cargo_toml, "--offline"]);
+    assert!(!offline.status.success());
+    assert!(
+        text(&offline).contains("appliance::base-offline"),
+        "{}",
+        text(&offline)
+    );
+    assert_eq!(registry.requests("GET", "/v2/team/"), 0, "nothing asked");
+
+    let built = site.ok(&["build", "--manifest-path", &cargo_toml]);
+    assert!(
+        built.contains(&format!(
+            "Pulling debian/bookworm@1 from {host}/team/debian/bookworm:1"
+        )),
+        "{built}"
+    );
+    let images = site.images();
+    let source_base = source
+        .images()
+        .into_iter()
+        .find(|(image, _, _)| image == "debian/bookworm@1")
+        .expect("the source's base");
+    assert!(images.contains(&source_base), "{images:?}");
+    let lock = std::fs::read_to_string(site.workspace().join("Appliance.lock")).expect("lock");
+    let pulled = lock
+        .lines()
+        .find_map(|l| l.split("pulled=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .expect("the lock pins what was pulled");
+    assert!(
+        pulled.starts_with(&format!("{host}/team/debian/bookworm@sha256:")),
+        "{lock}"
+    );
+
+    // Built again: the store has it, the registry is not asked.
+    let asked = registry.requests("GET", "/v2/team/");
+    site.ok(&["build", "--manifest-path", &cargo_toml]);
+    assert_eq!(registry.requests("GET", "/v2/team/"), asked);
+
+    // A teammate's empty store with the committed lock pulls exactly the pinned manifest,
+    // even after a newer version was pushed.
+    source.ok(&[
+        "image",
+        "import",
+        "debian/bookworm@2",
+        &support::minbase_tarball().to_string_lossy(),
+    ]);
+    source.ok(&[
+        "push",
+        "debian/bookworm@2",
+        &format!("{host}/team/debian/bookworm"),
+    ]);
+    std::fs::remove_dir_all(site.store()).expect("store removed");
+    let digest = pulled.split('@').nth(1).expect("digest");
+    let pinned_reads = registry.requests("GET", &format!("/manifests/{digest}"));
+    site.ok(&["build", "--manifest-path", &cargo_toml, "--locked"]);
+    assert!(registry.requests("GET", &format!("/manifests/{digest}")) > pinned_reads);
+    assert!(
+        site.images()
+            .iter()
+            .all(|(image, _, _)| image != "debian/bookworm@2"),
+        "{:?}",
+        site.images()
+    );
+}

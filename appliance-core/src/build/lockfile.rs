@@ -27,6 +27,9 @@ pub struct LockedImage {
     pub name: String,
     pub version: String,
     pub digest: String,
+    /// `HOST/REPOSITORY@sha256:…` when the image came from a registry: a store without it
+    /// pulls exactly this manifest.
+    pub pulled: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +79,10 @@ impl LockFile {
                                     name: first_string(child).context("base without name")?,
                                     version: property(child, "version")?,
                                     digest: property(child, "digest")?,
+                                    pulled: child
+                                        .get("pulled")
+                                        .and_then(|v| v.as_string())
+                                        .map(str::to_owned),
                                 });
                             }
                             "packages" => {
@@ -114,11 +121,15 @@ impl LockFile {
             out.push_str(&format!("appliance {} {{\n", quote(name)));
             if let Some(base) = &locked.base {
                 out.push_str(&format!(
-                    "    base {} version={} digest={}\n",
+                    "    base {} version={} digest={}",
                     quote(&base.name),
                     quote(&base.version),
                     quote(&base.digest)
                 ));
+                if let Some(pulled) = &base.pulled {
+                    out.push_str(&format!(" pulled={}", quote(pulled)));
+                }
+                out.push('\n');
             }
             if let Some(packages) = &locked.packages {
                 out.push_str(&format!(
@@ -191,6 +202,10 @@ mod tests {
                     name: "debian/bookworm".into(),
                     version: "1".into(),
                     digest: "ab".repeat(32),
+                    pulled: Some(format!(
+                        "registry.example/team/debian/bookworm@sha256:{}",
+                        "12".repeat(32)
+                    )),
                 }),
                 packages: Some(LockedPackages {
                     key: "cd".repeat(32),

@@ -40,6 +40,8 @@ pub struct BuildOptions {
     pub locked: bool,
     /// Use only what the store and Cargo have cached.
     pub offline: bool,
+    /// `HOST[:PORT]/PREFIX` for bases without `registry=` (`APPLIANCE_REGISTRY`).
+    pub registry: Option<String>,
 }
 
 /// One appliance built (or found up to date).
@@ -197,6 +199,14 @@ fn describe_lock_change(old: &LockFile, new: &LockFile) -> String {
         .map(|(name, _)| name.as_str())
         .collect();
     format!("changed for {}", changed.join(", "))
+}
+
+/// Where a base missing from the store comes from.
+enum BaseSource<'a> {
+    /// The manifest `Appliance.lock` pinned.
+    Pinned { reference: String, version: String },
+    /// The newest tag matching the requirement.
+    Newest(Option<&'a crate::manifest::version::VersionReq>),
 }
 
 /// A `run` script as the build runs it: where it is declared, its text, its limit.
@@ -367,13 +377,25 @@ impl Context<'_> {
             BaseRef::Image {
                 name: image_name,
                 version,
+                registry,
             } => {
-                let image =
-                    self.resolve_base(site, base_node.span, image_name, version.as_ref(), locked)?;
+                let registry = registry
+                    .as_ref()
+                    .map(|r| (r.value.clone(), r.span))
+                    .or_else(|| self.options.registry.clone().map(|r| (r, base_node.span)));
+                let image = self.resolve_base(
+                    site,
+                    base_node.span,
+                    image_name,
+                    version.as_ref(),
+                    registry.as_ref().map(|(r, span)| (r.as_str(), *span)),
+                    locked,
+                )?;
                 lock_entry.base = Some(LockedImage {
                     name: image.name.clone(),
                     version: image.version.clone(),
                     digest: image.tree_digest.clone(),
+                    pulled: crate::registry::pulled_from(&image),
                 });
                 image
             }
@@ -462,14 +484,15 @@ impl Context<'_> {
     }
 
     fn resolve_base(
-        &self,
+        &mut self,
         site: &Site<'_>,
         span: Span,
         image_name: &str,
         requirement: Option<&crate::manifest::version::VersionReq>,
+        registry: Option<(&str, Span)>,
         locked: &LockedAppliance,
     ) -> Result<ImageRecord, BuildError> {
-        let images = &self.images;
+        let images = self.images.clone();
         let matches = |image: &ImageRecord| {
             image.name == image_name
                 && !image.needs_repair
@@ -487,14 +510,38 @@ impl Context<'_> {
         {
             return Ok(image.clone());
         }
+        // Pinned to an image pulled from the registry the manifest still names: that image
+        // exactly, not whatever the store or the registry has now.
+        if let (Some(pin), Some((prefix, registry_span))) = (&locked.base, registry)
+            && pin.name == image_name
+            && let Some(pulled) = &pin.pulled
+        {
+            return self.pull_base(
+                site,
+                registry_span,
+                image_name,
+                prefix,
+                BaseSource::Pinned {
+                    reference: pulled.clone(),
+                    version: pin.version.clone(),
+                },
+            );
+        }
         let newest = images.iter().filter(|i| matches(i)).max_by(|a, b| {
             crate::store::version_key(&a.version)
                 .cmp(&crate::store::version_key(&b.version))
                 .then(a.id.cmp(&b.id))
         });
-        match newest {
-            Some(image) => Ok(image.clone()),
-            None => {
+        match (newest, registry) {
+            (Some(image), _) => Ok(image.clone()),
+            (None, Some((prefix, registry_span))) => self.pull_base(
+                site,
+                registry_span,
+                image_name,
+                prefix,
+                BaseSource::Newest(requirement),
+            ),
+            (None, None) => {
                 let other_versions: Vec<String> = images
                     .iter()
                     .filter(|i| i.name == image_name)
@@ -525,6 +572,96 @@ impl Context<'_> {
                     .into())
             }
         }
+    }
+
+    /// Pull a base the store lacks from `prefix`/`image_name`: the pinned manifest, or the
+    /// newest tag that is a version matching the requirement.
+    fn pull_base(
+        &mut self,
+        site: &Site<'_>,
+        span: Span,
+        image_name: &str,
+        prefix: &str,
+        source: BaseSource<'_>,
+    ) -> Result<ImageRecord, BuildError> {
+        use crate::registry::Reference;
+        let repository = Reference::parse(&format!("{prefix}/{image_name}"))
+            .map_err(|e| anyhow::anyhow!("the base's registry: {e}"))?;
+        if self.options.offline {
+            return Err(site
+                .error(
+                    "appliance::base-offline",
+                    format!(
+                        "no image `{image_name}` in the store, and --offline forbids pulling it from {}",
+                        repository
+                    ),
+                    span,
+                )
+                .label("the registry it would come from")
+                .help("build once without --offline, or `cargo appliance pull` it first")
+                .into());
+        }
+        let access = crate::registry::Access::default();
+        let (reference, version) = match source {
+            BaseSource::Pinned { reference, version } => (
+                Reference::parse(&reference)
+                    .map_err(|e| anyhow::anyhow!("Appliance.lock's pulled base: {e}"))?,
+                version,
+            ),
+            BaseSource::Newest(requirement) => {
+                let tags = crate::registry::list_tags(&repository, &access)?;
+                let newest = tags
+                    .iter()
+                    .filter_map(|tag| {
+                        let version = crate::manifest::version::Version::parse(tag).ok()?;
+                        requirement
+                            .is_none_or(|req| req.matches(&version))
+                            .then_some(tag)
+                    })
+                    .max_by(|a, b| crate::store::version_key(a).cmp(&crate::store::version_key(b)));
+                let Some(tag) = newest else {
+                    let shown: Vec<&str> = tags.iter().take(10).map(String::as_str).collect();
+                    return Err(site
+                        .error(
+                            "appliance::base-not-in-registry",
+                            format!(
+                                "no image `{image_name}` in the store, and no tag of {repository} is a version{}",
+                                if requirement.is_some() { " matching the requirement" } else { "" }
+                            ),
+                            span,
+                        )
+                        .label("looked here")
+                        .help(if shown.is_empty() {
+                            format!("push one: `cargo appliance push {image_name} {repository}`")
+                        } else {
+                            format!("its tags: {}", shown.join(", "))
+                        })
+                        .into());
+                };
+                let mut reference = repository.clone();
+                reference.tag = Some(tag.clone());
+                (reference, tag.clone())
+            }
+        };
+        self.reporter.status(
+            "Pulling",
+            &format!("{image_name}@{version} from {reference}"),
+        );
+        let pulled = crate::registry::pull(
+            self.store,
+            &reference,
+            Some(&format!("{image_name}@{version}")),
+            &access,
+            false,
+        )
+        .with_context(|| format!("pulling the base {image_name} from {reference}"))?;
+        self.images = self.store.list()?;
+        Ok(self
+            .images
+            .iter()
+            .find(|i| i.reference() == pulled.image)
+            .cloned()
+            .with_context(|| format!("{} was pulled but is not listed", pulled.image))?)
     }
 
     fn package_step(
@@ -1277,6 +1414,7 @@ pub fn update(report: &CheckReport, store: &Store, reporter: &Reporter) -> anyho
             && let BaseRef::Image {
                 name: image_name,
                 version,
+                ..
             } = &base.value
         {
             let newest = images
@@ -1312,6 +1450,7 @@ pub fn update(report: &CheckReport, store: &Store, reporter: &Reporter) -> anyho
                     name: image.name.clone(),
                     version: image.version.clone(),
                     digest: image.tree_digest.clone(),
+                    pulled: crate::registry::pulled_from(image),
                 });
             }
         }

@@ -727,9 +727,17 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
         crate::build::progress::Reporter::new(global.quiet, global.verbose > 0)
     };
     let started = std::time::Instant::now();
+    let registry = match default_registry() {
+        Ok(registry) => registry,
+        Err(error) => {
+            report_error(global, &error);
+            return ExitCode::FAILURE;
+        }
+    };
     let build_options = crate::build::BuildOptions {
         locked: args.locked,
         offline: args.offline,
+        registry,
     };
     match crate::build::build(&report, &store, &build_options, &reporter) {
         Ok(built) => {
@@ -803,6 +811,19 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
             report_error(global, &error);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `APPLIANCE_REGISTRY`: the registry of bases without `registry=`, checked as the
+/// manifest's property is.
+fn default_registry() -> anyhow::Result<Option<String>> {
+    match std::env::var("APPLIANCE_REGISTRY") {
+        Ok(value) if !value.is_empty() => {
+            (crate::manifest::grammar::REGISTRY_PREFIX.check)(&value)
+                .map_err(|e| anyhow::anyhow!("APPLIANCE_REGISTRY `{value}` {e}"))?;
+            Ok(Some(value))
+        }
+        _ => Ok(None),
     }
 }
 

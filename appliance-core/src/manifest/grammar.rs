@@ -333,6 +333,21 @@ fn check_suggestion_key(value: &str) -> Result<(), String> {
     }
 }
 
+/// `HOST[:PORT]/PREFIX` of an OCI registry: what a reference is before `/NAME:TAG`.
+fn check_registry_prefix(value: &str) -> Result<(), String> {
+    bounded(value, 200)?;
+    no_control(value)?;
+    if value.ends_with('/') || value.contains('@') {
+        return Err(
+            "must be `HOST[:PORT]` or `HOST[:PORT]/PREFIX`, without a trailing `/` or a digest"
+                .into(),
+        );
+    }
+    crate::registry::reference::Reference::parse(&format!("{value}/name"))
+        .map(|_| ())
+        .map_err(|e| e.replace("`/name`", ""))
+}
+
 macro_rules! grammar {
     ($ident:ident, $name:literal, $check:ident, $description:literal) => {
         pub static $ident: Grammar = Grammar {
@@ -354,6 +369,12 @@ grammar!(
     "image-name",
     check_image_name,
     "`/`-separated segments of lowercase letters, digits, `.`, `_`, `-`, e.g. `debian/bookworm`"
+);
+grammar!(
+    REGISTRY_PREFIX,
+    "registry-prefix",
+    check_registry_prefix,
+    "an OCI registry and an optional path: `HOST[:PORT]` or `HOST[:PORT]/PREFIX`, e.g. `registry.example:5000/team`"
 );
 grammar!(
     VERSION_REQ,

@@ -66,6 +66,9 @@ pub enum BaseRef {
     Image {
         name: String,
         version: Option<VersionReq>,
+        /// `HOST[:PORT]/PREFIX`: when the store lacks a match, the image is
+        /// `HOST/PREFIX/NAME` there, its tags read as versions.
+        registry: Option<Spanned<String>>,
     },
     /// Another appliance of the workspace, built first.
     Appliance { name: Spanned<String> },

@@ -466,6 +466,17 @@ fn build_base(
         );
         return None;
     }
+    if written_appliance && view.wrote("registry") {
+        report(
+            Diagnostic::error(
+                "appliance::registry-on-appliance-base",
+                "`registry=` applies to stored images, not to appliances of the workspace",
+            )
+            .at(file, view.prop_span("registry").unwrap_or(view.span))
+            .label("remove this")
+            .help("an appliance base is built from the workspace's manifests"),
+        );
+    }
     if written_appliance && view.wrote("version") {
         report(
             Diagnostic::error(
@@ -492,7 +503,20 @@ fn build_base(
     let version = view
         .str_prop("version")
         .and_then(|(req, _)| VersionReq::parse(&req).ok());
-    Some(Spanned::new(BaseRef::Image { name, version }, view.span))
+    if view.wrote("registry") && !view.props.contains_key("registry") {
+        return None;
+    }
+    let registry = view
+        .str_prop("registry")
+        .map(|(prefix, span)| Spanned::new(prefix, span));
+    Some(Spanned::new(
+        BaseRef::Image {
+            name,
+            version,
+            registry,
+        },
+        view.span,
+    ))
 }
 
 fn build_run(

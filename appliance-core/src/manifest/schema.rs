@@ -303,9 +303,14 @@ static APPLIANCE_CHILDREN: [NodeSpec; 21] = [
                     string(&grammar::APPLIANCE_NAME),
                     "derive from this appliance of the workspace instead of a stored image",
                 ),
+                prop(
+                    "registry",
+                    string(&grammar::REGISTRY_PREFIX),
+                    "when the store has no match, pull `HOST/PREFIX/NAME` from this OCI registry (its tags are the versions; `APPLIANCE_REGISTRY` sets a default for every base)",
+                ),
             ],
             Repeat::Once,
-            r#"base "debian/bookworm" version=">=2""#,
+            r#"base "debian/bookworm" version=">=2" registry="registry.example:5000/team""#,
         )
     },
     node(
@@ -657,6 +662,7 @@ pub static GRAMMARS: &[&Grammar] = &[
     &grammar::APPLIANCE_NAME,
     &grammar::IMAGE_NAME,
     &grammar::VERSION_REQ,
+    &grammar::REGISTRY_PREFIX,
     &grammar::PACKAGE_NAME,
     &grammar::CARGO_NAME,
     &grammar::TARGET_TRIPLE,

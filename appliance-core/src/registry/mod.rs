@@ -420,3 +420,17 @@ fn parent_reference(images: &[ImageRecord], image: &ImageRecord) -> Option<Strin
         .find(|i| i.id == parent)
         .map(ImageRecord::reference)
 }
+
+/// `HOST/REPOSITORY@sha256:…` of the manifest a stored image was pulled from.
+pub fn pulled_from(image: &ImageRecord) -> Option<String> {
+    let pulled = image.provenance.get("pulled")?;
+    let from = Reference::parse(pulled.get("from")?.as_str()?).ok()?;
+    let manifest = pulled.get("manifest")?.as_str()?;
+    Some(from.at_digest(manifest).to_string())
+}
+
+/// The tags of `repository` (its tag, if any, ignored).
+pub fn list_tags(repository: &Reference, access: &Access) -> anyhow::Result<Vec<String>> {
+    skopeo::require()?;
+    skopeo::list_tags(repository, access)
+}

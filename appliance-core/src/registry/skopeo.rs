@@ -166,3 +166,32 @@ pub fn copy(
     let digest = fs_err::read_to_string(digest_file.path())?;
     Ok(digest.trim().to_owned())
 }
+
+/// The tags of `repository`, as the registry lists them.
+pub fn list_tags(repository: &Reference, access: &Access) -> anyhow::Result<Vec<String>> {
+    let bare = Reference {
+        tag: None,
+        digest: None,
+        ..repository.clone()
+    };
+    let listing = Cmd::new("skopeo")
+        .arg("list-tags")
+        .args(access.args(&bare, ""))
+        .arg(bare.docker_transport())
+        .output()
+        .with_context(|| format!("listing the tags of {bare}"))?;
+    anyhow::ensure!(
+        listing.len() <= MAX_MANIFEST_BYTES,
+        "{bare}: the tag list is larger than {MAX_MANIFEST_BYTES} bytes"
+    );
+    let listing: serde_json::Value = serde_json::from_slice(&listing)
+        .with_context(|| format!("{bare}: the tag list is not JSON"))?;
+    Ok(listing["Tags"]
+        .as_array()
+        .map(|tags| {
+            tags.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
