@@ -557,3 +557,153 @@ fn a_base_missing_from_the_store_comes_from_the_registry_and_the_lock_pins_it() 
         site.images()
     );
 }
+
+/// `support/hostile_registry.py` serving one broken image on loopback; stopped on drop.
+struct HostileRegistry {
+    port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl HostileRegistry {
+    fn start(scenario: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port_file = dir.path().join("port");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/hostile_registry.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(scenario)
+            .arg(&port_file)
+            .spawn()
+            .expect("python3 runs");
+        let start = std::time::Instant::now();
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                break port;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        Self {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn reference(&self) -> String {
+        format!("127.0.0.1:{}/hostile/image:1", self.port)
+    }
+}
+
+impl Drop for HostileRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Site {
+    /// Nothing listed, nothing staged, every object accounted for.
+    fn holds_nothing(&self) {
+        assert!(
+            self.images().is_empty(),
+            "nothing stored: {:?}",
+            self.images()
+        );
+        let staging = self.store().join("staging");
+        let left: Vec<_> = std::fs::read_dir(&staging)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "staging left behind: {left:?}");
+        self.fsck_is_clean();
+    }
+}
+
+#[test]
+fn hostile_registry_answers_fail_the_pull_clearly_and_store_nothing() {
+    for (scenario, expected) in [
+        (
+            "wrong-digest",
+            "does not hash to the digest its manifest names",
+        ),
+        ("short-blob", "ended early"),
+        ("oversized-manifest", "larger than 4 MiB"),
+        ("redirect-loop", "redirects in a loop"),
+        ("unauthorized", "skopeo login"),
+    ] {
+        let server = HostileRegistry::start(scenario);
+        let site = Site::new();
+        let output = site.run(&["pull", &server.reference()]);
+        let said = text(&output);
+        assert!(!output.status.success(), "{scenario}: {said}");
+        assert!(
+            said.contains(expected),
+            "{scenario}: expected {expected:?} in {said}"
+        );
+        assert!(said.contains("error: "), "{scenario}: {said}");
+        site.holds_nothing();
+    }
+}
+
+#[test]
+fn a_pull_stopped_mid_transfer_leaves_nothing_listed() {
+    for signal in ["KILL", "TERM"] {
+        let server = HostileRegistry::start("slow-blob");
+        let site = Site::new();
+        site.ok(&["images"]);
+        let mut pull = binary()
+            .arg("--store")
+            .arg(site.store())
+            .args(["pull", &server.reference()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("pull starts");
+        // The transfer has begun once skopeo runs and the pull has its staging directory.
+        let start = std::time::Instant::now();
+        while std::fs::read_dir(site.store().join("staging"))
+            .map_or(true, |mut d| d.next().is_none())
+        {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "no transfer"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let killed = Command::new("kill")
+            .args([&format!("-{signal}"), &pull.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success());
+        let status = pull.wait().expect("wait");
+        assert!(!status.success(), "{signal}: {status:?}");
+        let port = server.port.to_string();
+        let start = std::time::Instant::now();
+        while Command::new("pgrep")
+            .args(["-f", &format!("skopeo.*127.0.0.1:{port}")])
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "{signal}: skopeo still runs"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if signal == "KILL" {
+            // What SIGKILL leaves is gc's to remove; nothing is listed meanwhile.
+            assert!(site.images().is_empty());
+            site.ok(&["gc"]);
+        }
+        site.holds_nothing();
+    }
+}

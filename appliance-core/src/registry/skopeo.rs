@@ -90,6 +90,7 @@ pub fn manifest(reference: &Reference, access: &Access) -> anyhow::Result<(Refer
             .args(access.args(&reference, ""))
             .arg(reference.docker_transport())
             .output()
+            .map_err(explained)
             .with_context(|| format!("reading the manifest of {reference}"))?;
         anyhow::ensure!(
             bytes.len() <= MAX_MANIFEST_BYTES,
@@ -162,7 +163,8 @@ pub fn copy(
         .arg(from.transport()?)
         .arg(to.transport()?)
         .show_stdout(progress)
-        .output()?;
+        .output()
+        .map_err(explained)?;
     let digest = fs_err::read_to_string(digest_file.path())?;
     Ok(digest.trim().to_owned())
 }
@@ -179,6 +181,7 @@ pub fn list_tags(repository: &Reference, access: &Access) -> anyhow::Result<Vec<
         .args(access.args(&bare, ""))
         .arg(bare.docker_transport())
         .output()
+        .map_err(explained)
         .with_context(|| format!("listing the tags of {bare}"))?;
     anyhow::ensure!(
         listing.len() <= MAX_MANIFEST_BYTES,
@@ -194,4 +197,44 @@ pub fn list_tags(repository: &Reference, access: &Access) -> anyhow::Result<Vec<
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// A skopeo failure with what to do about its usual causes put before skopeo's own words.
+fn explained(error: crate::process::CmdError) -> anyhow::Error {
+    let text = error.to_string();
+    let hint = if text.contains("authentication required")
+        || text.contains("unauthorized")
+        || text.contains("401 Unauthorized")
+    {
+        Some(
+            "the registry wants credentials: log in with `skopeo login HOST` (or `docker login HOST`); they are read from $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json or ~/.docker/config.json",
+        )
+    } else if text.contains("x509:") || text.contains("certificate signed by unknown authority") {
+        Some(
+            "the registry's TLS certificate is not trusted here: name its CA with `--cert-dir DIR` (a directory of *.crt files)",
+        )
+    } else if text.contains("server gave HTTP response to HTTPS client") {
+        Some(
+            "the registry speaks plain HTTP, which is used only for loopback registries or with `--insecure`",
+        )
+    } else if text.contains("stopped after 10 redirects") {
+        Some("the registry redirects in a loop")
+    } else if text.contains("Digest did not match") {
+        Some(
+            "the registry sent content that does not hash to the digest its manifest names (damaged storage, or something in between rewrote it); nothing was stored",
+        )
+    } else if text.contains("unexpected EOF") {
+        Some(
+            "the registry's answer ended early (a cut connection or a short blob); nothing was stored, try again",
+        )
+    } else if text.contains("exceeded maximum allowed size") {
+        Some("the registry's manifest is larger than 4 MiB; refusing it")
+    } else {
+        None
+    };
+    let error = anyhow::Error::new(error);
+    match hint {
+        Some(hint) => error.context(hint),
+        None => error,
+    }
 }
