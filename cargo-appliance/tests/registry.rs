@@ -707,3 +707,188 @@ fn a_pull_stopped_mid_transfer_leaves_nothing_listed() {
         site.holds_nothing();
     }
 }
+
+fn openssl(args: &[&str], dir: &Path) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs (installed by .ci/install-deps)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        text(&output)
+    );
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, in `dir`: ca/ca.crt, server.crt,
+/// server.key.
+fn make_certificates(dir: &Path) {
+    std::fs::create_dir_all(dir.join("ca")).expect("mkdir");
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca/ca.crt",
+            "-subj",
+            "/CN=cargo-appliance test CA",
+            "-days",
+            "2",
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        dir,
+    );
+    write(&dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n");
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca/ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+        dir,
+    );
+}
+
+#[test]
+fn a_registry_with_tls_and_credentials_is_reached_as_the_container_tools_reach_it() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let tls = work.path().join("tls");
+    make_certificates(&tls);
+    let other_ca = work.path().join("other");
+    make_certificates(&other_ca);
+    let hash = Command::new("python3")
+        .args([
+            "-W",
+            "ignore",
+            "-c",
+            "import crypt; print(crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(hash.status.success(), "{}", text(&hash));
+    let htpasswd = work.path().join("htpasswd");
+    write(
+        &htpasswd,
+        &format!("team:{}", String::from_utf8_lossy(&hash.stdout)),
+    );
+    let registry = Registry::start_with(&support::Guard {
+        tls: Some((&tls.join("server.crt"), &tls.join("server.key"))),
+        htpasswd: Some(&htpasswd),
+    });
+    let host = registry.host();
+    // Credentials where skopeo and podman keep them; none anywhere else.
+    let home = work.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let auth = work.path().join("auth.json");
+    let token = {
+        let output = Command::new("python3")
+            .args([
+                "-c",
+                "import base64; print(base64.b64encode(b'team:s3cret').decode())",
+            ])
+            .output()
+            .expect("python3 runs");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    write(
+        &auth,
+        &format!("{{\"auths\": {{\"{host}\": {{\"auth\": \"{token}\"}}}}}}"),
+    );
+    let source = source_site();
+    let ca = tls.join("ca").to_string_lossy().into_owned();
+    let reference = format!("{host}/team/web");
+    let run = |site: &Site, args: &[&str], credentials: bool| {
+        let mut command = binary();
+        command
+            .arg("--store")
+            .arg(site.store())
+            .args(args)
+            .env("HOME", &home)
+            .env("XDG_RUNTIME_DIR", &home)
+            .env("CARGO_TARGET_DIR", site.dir.path().join("target"));
+        if credentials {
+            command.env("REGISTRY_AUTH_FILE", &auth);
+        } else {
+            command.env("REGISTRY_AUTH_FILE", home.join("none.json"));
+        }
+        command.output().expect("runs")
+    };
+
+    let refused = run(
+        &source,
+        &["push", "web", &reference, "--cert-dir", &ca],
+        false,
+    );
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("skopeo login"),
+        "{}",
+        text(&refused)
+    );
+
+    let pushed = run(
+        &source,
+        &["push", "web", &reference, "--lineage", "--cert-dir", &ca],
+        true,
+    );
+    assert!(pushed.status.success(), "{}", text(&pushed));
+
+    let other = Site::new();
+    let untrusted = run(
+        &other,
+        &[
+            "pull",
+            &format!("{reference}:1"),
+            "--cert-dir",
+            &other_ca.join("ca").to_string_lossy(),
+        ],
+        true,
+    );
+    assert!(!untrusted.status.success());
+    assert!(
+        text(&untrusted).contains("--cert-dir"),
+        "{}",
+        text(&untrusted)
+    );
+    other.holds_nothing();
+
+    let pulled = run(
+        &other,
+        &["pull", &format!("{reference}:1"), "--cert-dir", &ca],
+        true,
+    );
+    assert!(pulled.status.success(), "{}", text(&pulled));
+    assert_eq!(other.images(), source.images());
+}

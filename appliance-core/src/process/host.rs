@@ -73,6 +73,7 @@ pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram::new("qemu-system-x86_64", "qemu-system-x86", &[Need::Boot]),
     HostProgram::new("skopeo", "skopeo", &[Need::Registry, Need::Tests]),
     HostProgram::new("docker-registry", "docker-registry", &[Need::Tests]),
+    HostProgram::new("openssl", "openssl", &[Need::Tests]),
     HostProgram::new("umoci", "umoci", &[Need::Tests]),
     HostProgram::new("python3", "python3", &[Need::Tests]),
     HostProgram::new("tar", "tar", &[Need::Tests]),

@@ -20,8 +20,10 @@ pub struct Access {
 }
 
 impl Access {
+    /// A loopback registry may speak plain HTTP or unverified TLS, as Docker allows, unless a
+    /// CA is named for it: then its certificate is checked like any other.
     fn verify_tls(&self, reference: &Reference) -> bool {
-        !(self.insecure || reference.is_loopback())
+        !(self.insecure || (reference.is_loopback() && self.cert_dir.is_none()))
     }
 
     /// skopeo's options for `reference`, `prefix` being `""`, `src-` or `dest-`.

@@ -85,22 +85,45 @@ pub struct Registry {
     child: std::process::Child,
 }
 
+/// What a [`Registry`] asks of its clients beyond plain HTTP.
+#[derive(Debug, Default)]
+pub struct Guard<'a> {
+    /// PEM certificate and key files for TLS.
+    pub tls: Option<(&'a std::path::Path, &'a std::path::Path)>,
+    /// An htpasswd file (bcrypt) for basic auth.
+    pub htpasswd: Option<&'a std::path::Path>,
+}
+
 impl Registry {
     pub fn start() -> Self {
+        Self::start_with(&Guard::default())
+    }
+
+    pub fn start_with(guard: &Guard<'_>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .expect("config");
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((certificate, key)) = guard.tls {
+            yaml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                certificate.display(),
+                key.display()
+            ));
+        }
+        if let Some(htpasswd) = guard.htpasswd {
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: tests\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yaml).expect("config");
         let log = std::fs::File::create(dir.path().join("log")).expect("log");
         let child = Command::new("docker-registry")
             .arg("serve")
