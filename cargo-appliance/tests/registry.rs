@@ -892,3 +892,48 @@ fn a_registry_with_tls_and_credentials_is_reached_as_the_container_tools_reach_i
     assert!(pulled.status.success(), "{}", text(&pulled));
     assert_eq!(other.images(), source.images());
 }
+
+#[test]
+fn build_push_sends_what_it_built_with_its_lineage() {
+    let registry = Registry::start();
+    let host = registry.host();
+    let source = source_site();
+    let manifest = source.workspace().join("Cargo.toml");
+    let built = source.ok(&[
+        "build",
+        "--manifest-path",
+        &manifest.to_string_lossy(),
+        "--push",
+        &format!("{host}/ci/{{appliance}}:ci-{{version}}"),
+    ]);
+    assert!(
+        built.contains(&format!("web@1 → {host}/ci/web:ci-1")),
+        "{built}"
+    );
+    for image in ["ci/web:ci-1", "ci/debian/bookworm:1"] {
+        skopeo(&[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{host}/{image}"),
+        ]);
+    }
+    let malformed = source.run(&[
+        "build",
+        "--manifest-path",
+        &manifest.to_string_lossy(),
+        "--push",
+        "no-registry",
+    ]);
+    assert!(!malformed.status.success());
+    assert!(
+        !text(&malformed).contains("Fresh"),
+        "refused before building: {}",
+        text(&malformed)
+    );
+    assert!(
+        text(&malformed).contains("--push no-registry: `no-registry` is not a registry host"),
+        "{}",
+        text(&malformed)
+    );
+}

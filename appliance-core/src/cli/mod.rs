@@ -315,6 +315,13 @@ pub struct BuildArgs {
     /// Use only what the store and Cargo have cached; no network
     #[arg(long)]
     pub offline: bool,
+    /// After building, push each appliance's image with its lineage: to
+    /// `REF/APPLIANCE:VERSION`, or to the reference REF makes of `{appliance}` and `{version}`
+    /// (e.g. `registry.example:5000/team/{appliance}:ci-{version}`)
+    #[arg(long, value_name = "REF", conflicts_with = "offline")]
+    pub push: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -727,6 +734,13 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
         crate::build::progress::Reporter::new(global.quiet, global.verbose > 0)
     };
     let started = std::time::Instant::now();
+    // A push that cannot happen is said before the build, not after it.
+    if let Some(template) = &args.push
+        && let Err(error) = push_destination(template, "appliance", "1")
+    {
+        report_error(global, &error);
+        return ExitCode::FAILURE;
+    }
     let registry = match default_registry() {
         Ok(registry) => registry,
         Err(error) => {
@@ -780,6 +794,15 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
                     ),
                 }
             }
+            if let Some(template) = &args.push
+                && let Err(error) = push_built(global, &store, &built, template, &args.registry)
+            {
+                report_error(
+                    global,
+                    &error.context("the build is stored; pushing it failed"),
+                );
+                return ExitCode::FAILURE;
+            }
             if global.message_format == MessageFormat::Human {
                 reporter.status(
                     "Finished",
@@ -812,6 +835,75 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The reference `build --push TEMPLATE` makes of an image.
+fn push_destination(
+    template: &str,
+    name: &str,
+    version: &str,
+) -> anyhow::Result<crate::registry::Reference> {
+    let text = if template.contains("{appliance}") || template.contains("{version}") {
+        template
+            .replace("{appliance}", name)
+            .replace("{version}", version)
+    } else {
+        format!("{}/{name}:{version}", template.trim_end_matches('/'))
+    };
+    crate::registry::Reference::parse(&text).map_err(|e| anyhow::anyhow!("--push {template}: {e}"))
+}
+
+/// `build --push`: each built image to the reference the template makes of it.
+fn push_built(
+    global: &GlobalArgs,
+    store: &crate::store::Store,
+    built: &[crate::build::Built],
+    template: &str,
+    registry: &RegistryArgs,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let progress = !global.quiet
+        && global.message_format == MessageFormat::Human
+        && std::io::stdout().is_terminal();
+    for done in built {
+        let destination = push_destination(template, &done.image.name, &done.image.version)?;
+        let pushed = crate::registry::push(
+            store,
+            &done.image.reference(),
+            &destination,
+            true,
+            &registry.access(),
+            progress,
+        )?;
+        for one in &pushed {
+            match global.message_format {
+                MessageFormat::Json => {
+                    let _ = writeln!(
+                        std::io::stdout().lock(),
+                        "{}",
+                        serde_json::json!({
+                            "reason": "image-pushed",
+                            "image": one.image,
+                            "reference": one.reference,
+                            "digest": one.digest,
+                        })
+                    );
+                }
+                MessageFormat::Human if !global.quiet => {
+                    let _ = writeln!(
+                        std::io::stderr().lock(),
+                        "{:>12} {} → {} ({})",
+                        "Pushed",
+                        one.image,
+                        one.reference,
+                        one.digest
+                    );
+                }
+                MessageFormat::Human => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `APPLIANCE_REGISTRY`: the registry of bases without `registry=`, checked as the
