@@ -278,6 +278,34 @@ impl Resolver<'_> {
         for binary in &appliance.binaries {
             self.check_binary(appliance, binary, file);
         }
+        for user in &appliance.users {
+            if let Some(path) = &user.authorized_keys
+                && let Some(resolved) = self.resolve_source(appliance, path, false, dir, file)
+            {
+                match read_authorized_keys(&resolved) {
+                    Ok(_) => {}
+                    Err(AuthorizedKeysError::Unreadable(message)) => self.report(
+                        appliance,
+                        Diagnostic::error(
+                            "appliance::not-a-file",
+                            format!("authorized keys `{}`: {message}", path.value),
+                        )
+                        .at(file, path.span)
+                        .label("not a readable file"),
+                    ),
+                    Err(AuthorizedKeysError::Invalid { line, message }) => self.report(
+                        appliance,
+                        Diagnostic::error(
+                            "appliance::invalid-ssh-key",
+                            format!("line {line} of `{}` {message}", path.value),
+                        )
+                        .at(file, path.span)
+                        .label("in this file")
+                        .help("each line is one public key as `ssh-keygen` writes it to a .pub file; `#` starts a comment"),
+                    ),
+                }
+            }
+        }
         for run in &appliance.runs {
             if let RunSource::File { path } = &run.source
                 && let Some(resolved) = self.resolve_source(appliance, path, false, dir, file)
@@ -687,4 +715,45 @@ mod tests {
         assert!(!is_manifest_file_name(".appliance.kdl"));
         assert!(!is_manifest_file_name("appliance.kdl.bak"));
     }
+}
+
+/// Why an authorized-keys file cannot be used.
+#[derive(Debug)]
+pub enum AuthorizedKeysError {
+    Unreadable(String),
+    Invalid { line: usize, message: String },
+}
+
+/// The public keys of an authorized-keys file, each line checked as a `ssh-key` value is;
+/// empty lines and `#` comments are left out.
+pub fn read_authorized_keys(path: &Path) -> Result<Vec<String>, AuthorizedKeysError> {
+    const LIMIT: u64 = 1 << 20;
+    let text = std::fs::File::open(path)
+        .and_then(|file| {
+            use std::io::Read as _;
+            let mut text = String::new();
+            file.take(LIMIT + 1).read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .map_err(|e| AuthorizedKeysError::Unreadable(e.to_string()))?;
+    if text.len() as u64 > LIMIT {
+        return Err(AuthorizedKeysError::Unreadable(format!(
+            "larger than {LIMIT} bytes"
+        )));
+    }
+    let mut keys = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        crate::manifest::grammar::check_ssh_key(line).map_err(|message| {
+            AuthorizedKeysError::Invalid {
+                line: number + 1,
+                message,
+            }
+        })?;
+        keys.push(line.to_owned());
+    }
+    Ok(keys)
 }

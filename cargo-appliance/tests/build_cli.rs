@@ -1207,3 +1207,139 @@ fn root_filesystem(disk: &Path, work: &Path) -> PathBuf {
     );
     root_fs
 }
+
+/// Issue 14: `--locked` fails before the first step of any appliance. With the first
+/// appliance's files changed (it would be rebuilt and stored) and the second's lock entry
+/// stale, nothing may be stored and no output written for either.
+#[test]
+fn build_locked_with_a_stale_second_appliance_builds_nothing() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let env = Env::new(work.path());
+    env.import_minbase();
+    env.import_minbase();
+    let ws = work.path().join("ws");
+    let write = |path: &str, text: &str| {
+        let path = ws.join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    };
+    write(
+        "Cargo.toml",
+        "[package]\nname = \"tool\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    );
+    write("src/main.rs", "fn main() {}\n");
+    write("motd", "first\n");
+    let manifest = |second_version: &str| {
+        format!(
+            "appliance \"first\" {{\n    base \"debian/bookworm\" version=\"=1\"\n    copy \"motd\" to=\"/etc/motd\"\n    output \"tar\"\n}}\n\
+             appliance \"second\" {{\n    base \"debian/bookworm\" version=\"={second_version}\"\n    output \"tar\"\n}}\n"
+        )
+    };
+    write("appliance.kdl", &manifest("1"));
+    env.ok(&ws, &["build"]);
+    let images = || String::from_utf8_lossy(&env.command(&ws, &["images"]).stdout).into_owned();
+    let images_before = images();
+    assert!(images_before.contains("first@1"), "{images_before}");
+    let outputs = env.target.join("appliance");
+    // The outputs and their stamps; the target directory's own caches (`.images.json`, a
+    // copy of the catalog's listing) may be refreshed.
+    let listing = |dir: &Path| -> Vec<String> {
+        support::tree_listing(dir)
+            .into_iter()
+            .filter(|l| !l.starts_with("./."))
+            .collect()
+    };
+    let outputs_before = listing(&outputs);
+
+    write("motd", "changed\n");
+    write("appliance.kdl", &manifest("2"));
+    let refused = env.command(&ws, &["build", "--locked"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("needs to be updated for `second`"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("Building first"),
+        "nothing was built: {stderr}"
+    );
+    assert_eq!(images(), images_before, "no new image");
+    assert_eq!(listing(&outputs), outputs_before, "no output written");
+}
+
+/// Issue 18: users one can log in as: a crypt(3) hash in /etc/shadow, keys from `ssh-key`
+/// children and an `authorized-keys=` file in ~/.ssh/authorized_keys, owned by the user,
+/// with the modes sshd's StrictModes wants.
+#[test]
+fn users_get_their_password_hash_and_ssh_keys() {
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f admin@laptop";
+    const CI_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g ci@runner";
+    const HASH: &str = "$6$rounds=5000$salt$IxDD3jeSOb5eB1CX5LBsqZFVkJdido3OUILO5Ifz5iwMuTS4XMS130MTSuDDl3aCI6WouIL9AjRbLCelDCy.g.";
+    let work = tempfile::tempdir().expect("temp dir");
+    let env = Env::new(work.path());
+    env.import_minbase();
+    let ws = work.path().join("ws");
+    let write = |path: &str, text: &str| {
+        let path = ws.join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    };
+    write(
+        "Cargo.toml",
+        "[package]\nname = \"tool\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    );
+    write("src/main.rs", "fn main() {}\n");
+    write("deploy/ci.pub", &format!("# the CI runner\n\n{CI_KEY}\n"));
+    write(
+        "appliance.kdl",
+        &format!(
+            "appliance \"login\" {{\n    base \"debian/bookworm\"\n    user \"admin\" groups=\"sudo\" password-hash=\"{HASH}\" authorized-keys=\"deploy/ci.pub\" {{\n        ssh-key \"{KEY}\"\n    }}\n    user \"svc\" system=#true\n}}\n"
+        ),
+    );
+    env.ok(&ws, &["build"]);
+    let root = work.path().join("root");
+    env.export("login", &root);
+    let shadow = std::fs::read_to_string(root.join("etc/shadow")).expect("shadow");
+    assert!(
+        shadow
+            .lines()
+            .any(|l| l.starts_with(&format!("admin:{HASH}:"))),
+        "{shadow}"
+    );
+    assert!(
+        shadow.lines().any(|l| l.starts_with("svc:!:")),
+        "no hash, no password login: {shadow}"
+    );
+    let ssh = root.join("home/admin/.ssh");
+    let keys = std::fs::read_to_string(ssh.join("authorized_keys")).expect("keys");
+    assert_eq!(keys, format!("{KEY}\n{CI_KEY}\n"));
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).expect("passwd");
+    let uid: u32 = passwd
+        .lines()
+        .find(|l| l.starts_with("admin:"))
+        .and_then(|l| l.split(':').nth(2))
+        .and_then(|u| u.parse().ok())
+        .expect("admin's uid");
+    for (path, mode) in [(ssh.clone(), 0o700), (ssh.join("authorized_keys"), 0o600)] {
+        let meta = std::fs::symlink_metadata(&path).expect("metadata");
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            mode,
+            "{}",
+            path.display()
+        );
+        assert_eq!(meta.uid(), uid, "{} is the user's", path.display());
+    }
+
+    // A changed key file is a changed appliance.
+    write("deploy/ci.pub", &format!("{KEY}\n"));
+    let rebuilt = env.ok(&ws, &["build"]);
+    assert!(rebuilt.contains("Building login"), "{rebuilt}");
+    let root = work.path().join("root2");
+    env.export("login", &root);
+    assert_eq!(
+        std::fs::read_to_string(root.join("home/admin/.ssh/authorized_keys")).expect("keys"),
+        format!("{KEY}\n{KEY}\n")
+    );
+}

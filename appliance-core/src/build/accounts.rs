@@ -77,6 +77,8 @@ pub struct NewUser<'a> {
     pub home: Option<&'a str>,
     pub shell: Option<&'a str>,
     pub comment: Option<&'a str>,
+    /// A crypt(3) hash for the shadow file (the account stays locked without one).
+    pub password_hash: Option<&'a str>,
 }
 
 /// What `add_user` decided, for creating the home directory.
@@ -264,8 +266,8 @@ impl Accounts {
                 };
                 self.shadow.lines.push(vec![
                     user.name.into(),
-                    // Locked: no password login until one is set.
-                    "!".into(),
+                    // Locked without a hash: no password login, keys only.
+                    user.password_hash.unwrap_or("!").into(),
                     self.today.to_string(),
                     min,
                     max,
@@ -282,6 +284,14 @@ impl Accounts {
                 }
             }
         };
+        if let Some(hash) = user.password_hash
+            && let Some(line) = self.shadow.find_mut(user.name)
+        {
+            match line.get_mut(1) {
+                Some(field) => *field = hash.to_owned(),
+                None => bail!("the shadow line of `{}` is damaged", user.name),
+            }
+        }
         for group in user.groups {
             self.add_member(group, user.name)?;
         }

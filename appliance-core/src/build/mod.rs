@@ -162,6 +162,18 @@ pub fn build(
                 .map_or(0, |d| d.as_secs() as i64)
         }),
     };
+    // --locked: every appliance whose base is a stored image is checked before any work, so
+    // a stale entry of the second appliance fails the build before the first is built. (An
+    // appliance on another appliance is checked once its parent is built: its start image
+    // is only known then.)
+    if options.locked {
+        for name in &order {
+            if let Some(site) = sites.get(name.as_str()) {
+                let locked = old_lock.appliances.get(name).cloned().unwrap_or_default();
+                context.check_locked(site, &locked)?;
+            }
+        }
+    }
     let mut built: BTreeMap<String, Built> = BTreeMap::new();
     let mut results = Vec::new();
     for name in order {
@@ -199,6 +211,94 @@ fn describe_lock_change(old: &LockFile, new: &LockFile) -> String {
         .map(|(name, _)| name.as_str())
         .collect();
     format!("changed for {}", changed.join(", "))
+}
+
+/// Each user's `~/.ssh/authorized_keys`: its `ssh-key` children, then the lines of its
+/// `authorized-keys=` file, each checked (the file may have changed since `check`).
+fn authorized_keys(
+    site: &Site<'_>,
+    manifest_dir: &Path,
+) -> Result<BTreeMap<String, String>, BuildError> {
+    let mut all = BTreeMap::new();
+    for user in &site.appliance.users {
+        let mut lines: Vec<String> = user.ssh_keys.iter().map(|k| k.value.clone()).collect();
+        if let Some(path) = &user.authorized_keys {
+            let read = crate::workspace::read_authorized_keys(&manifest_dir.join(&path.value));
+            match read {
+                Ok(keys) => lines.extend(keys),
+                Err(crate::workspace::AuthorizedKeysError::Unreadable(message)) => {
+                    return Err(site
+                        .error(
+                            "appliance::unreadable-source",
+                            format!("authorized keys `{}`: {message}", path.value),
+                            path.span,
+                        )
+                        .into());
+                }
+                Err(crate::workspace::AuthorizedKeysError::Invalid { line, message }) => {
+                    return Err(site
+                        .error(
+                            "appliance::invalid-ssh-key",
+                            format!("line {line} of `{}` {message}", path.value),
+                            path.span,
+                        )
+                        .into());
+                }
+            }
+        }
+        if !lines.is_empty() {
+            let mut text = lines.join("\n");
+            text.push('\n');
+            all.insert(user.name.value.clone(), text);
+        }
+    }
+    Ok(all)
+}
+
+/// What the package step is asked for: the manifest's packages, and the boot packages of a
+/// disk output.
+fn package_wish(appliance: &crate::manifest::model::Appliance) -> PackageWish {
+    let mut wish = PackageWish {
+        wanted: appliance
+            .packages
+            .iter()
+            .map(|p| p.name.value.clone())
+            .collect(),
+        removed: appliance.remove.iter().map(|p| p.value.clone()).collect(),
+        recommends: appliance.packages.iter().any(|p| p.recommends),
+    };
+    if is_bootable(appliance) {
+        wish.wanted.extend(crate::output::disk::boot_packages(
+            appliance.kernel.as_ref().map(|k| k.value.as_str()),
+        ));
+    }
+    wish
+}
+
+/// `--locked`: the error when `name`'s resolution (`base_entry`, the package step's key on
+/// `base`) is not what `locked` pins, as Cargo fails when resolution would change its lock.
+fn locked_violation(
+    name: &str,
+    base_entry: Option<&LockedImage>,
+    wish: &PackageWish,
+    base: &ImageRecord,
+    locked: &LockedAppliance,
+) -> Result<(), BuildError> {
+    let base_changed = base_entry.is_some() && base_entry != locked.base.as_ref();
+    let packages_changed = !wish.is_empty()
+        && locked.packages.as_ref().map(|p| p.key.as_str()) != Some(wish.key(base).as_str());
+    if base_changed || packages_changed {
+        return Err(anyhow::anyhow!(
+            "--locked: Appliance.lock needs to be updated for `{name}` ({}), but --locked forbids changing it",
+            if base_changed {
+                "its base resolves to another image"
+            } else {
+                "its package set changed"
+            }
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Where a base missing from the store comes from.
@@ -411,33 +511,9 @@ impl Context<'_> {
         ));
 
         // Packages.
-        let mut wish = PackageWish {
-            wanted: appliance
-                .packages
-                .iter()
-                .map(|p| p.name.value.clone())
-                .collect(),
-            removed: appliance.remove.iter().map(|p| p.value.clone()).collect(),
-            recommends: appliance.packages.iter().any(|p| p.recommends),
-        };
-        if is_bootable(appliance) {
-            wish.wanted.extend(crate::output::disk::boot_packages(
-                appliance.kernel.as_ref().map(|k| k.value.as_str()),
-            ));
-        }
+        let wish = package_wish(appliance);
         if self.options.locked {
-            let base_changed = lock_entry.base.is_some() && lock_entry.base != locked.base;
-            let packages_changed = !wish.is_empty()
-                && locked.packages.as_ref().map(|p| p.key.as_str())
-                    != Some(wish.key(&base).as_str());
-            if base_changed || packages_changed {
-                // Fail before any work, as Cargo does when resolution would change the lock.
-                return Err(anyhow::anyhow!(
-                    "--locked: Appliance.lock needs to be updated for `{name}` ({}), but --locked forbids changing it",
-                    if base_changed { "its base resolves to another image" } else { "its package set changed" }
-                )
-                .into());
-            }
+            locked_violation(name, lock_entry.base.as_ref(), &wish, &base, locked)?;
         }
         let packages_image = if wish.is_empty() {
             base.clone()
@@ -572,6 +648,51 @@ impl Context<'_> {
                     .into())
             }
         }
+    }
+
+    /// `--locked` for one appliance on a stored image, before any work.
+    fn check_locked(
+        &mut self,
+        site: &Site<'_>,
+        locked: &LockedAppliance,
+    ) -> Result<(), BuildError> {
+        let appliance = site.appliance;
+        let Some(base_node) = &appliance.base else {
+            return Ok(());
+        };
+        let BaseRef::Image {
+            name: image_name,
+            version,
+            registry,
+        } = &base_node.value
+        else {
+            return Ok(());
+        };
+        let registry = registry
+            .as_ref()
+            .map(|r| (r.value.clone(), r.span))
+            .or_else(|| self.options.registry.clone().map(|r| (r, base_node.span)));
+        let base = self.resolve_base(
+            site,
+            base_node.span,
+            image_name,
+            version.as_ref(),
+            registry.as_ref().map(|(r, span)| (r.as_str(), *span)),
+            locked,
+        )?;
+        let entry = LockedImage {
+            name: base.name.clone(),
+            version: base.version.clone(),
+            digest: base.tree_digest.clone(),
+            pulled: crate::registry::pulled_from(&base),
+        };
+        locked_violation(
+            &appliance.name.value,
+            Some(&entry),
+            &package_wish(appliance),
+            &base,
+            locked,
+        )
     }
 
     /// Pull a base the store lacks from `prefix`/`image_name`: the pinned manifest, or the
@@ -804,7 +925,8 @@ impl Context<'_> {
         })?;
         let binaries = self.build_binaries(site)?;
         let scripts = self.run_scripts(site, &manifest_dir)?;
-        let key = appliance_key(appliance, parent, &copies, &binaries, &scripts);
+        let keys = authorized_keys(site, &manifest_dir)?;
+        let key = appliance_key(appliance, parent, &copies, &binaries, &scripts, &keys);
         if let Some(found) = self
             .images
             .iter()
@@ -825,7 +947,7 @@ impl Context<'_> {
             self.store.objects(),
             self.epoch,
         );
-        let applied = apply(&mut editor, site, &copies, &binaries);
+        let applied = apply(&mut editor, site, &copies, &binaries, &keys);
         let editor = match applied {
             Ok(()) => editor,
             Err(error) => {
@@ -1091,6 +1213,7 @@ fn appliance_key(
     copies: &[files::CopyItem],
     binaries: &[(String, u32, cargo::Artifact)],
     scripts: &[Script],
+    authorized_keys: &BTreeMap<String, String>,
 ) -> String {
     let mut config = serde_json::to_value(appliance).unwrap_or_default();
     strip_spans(&mut config);
@@ -1117,6 +1240,7 @@ fn appliance_key(
         "binaries": binaries.iter().map(|(to, mode, a)| json!([to, mode, a.digest])).collect::<Vec<_>>(),
         "scripts": scripts.iter().map(|s| &s.text).collect::<Vec<_>>(),
         "bootable": is_bootable(appliance),
+        "authorized_keys": authorized_keys,
     });
     let mut hasher = Sha256::new();
     hasher.update(inputs.to_string());
@@ -1151,6 +1275,7 @@ fn apply(
     site: &Site<'_>,
     copies: &[files::CopyItem],
     binaries: &[(String, u32, cargo::Artifact)],
+    authorized_keys: &BTreeMap<String, String>,
 ) -> Result<(), BuildError> {
     let appliance = site.appliance;
     let mut accounts = accounts::Accounts::read(editor)?;
@@ -1160,6 +1285,7 @@ fn apply(
             .map_err(|e| site.error("appliance::group-failed", format!("{e:#}"), group.span))?;
     }
     let mut homes = Vec::new();
+    let mut logins = Vec::new();
     for user in &appliance.users {
         let added = accounts
             .add_user(&accounts::NewUser {
@@ -1171,8 +1297,12 @@ fn apply(
                 home: user.home.as_deref(),
                 shell: user.shell.as_deref(),
                 comment: user.comment.as_deref(),
+                password_hash: user.password_hash.as_deref(),
             })
             .map_err(|e| site.error("appliance::user-failed", format!("{e:#}"), user.span))?;
+        if let Some(keys) = authorized_keys.get(&user.name.value) {
+            logins.push((user, added.clone(), keys));
+        }
         if added.create_home {
             homes.push(added);
         }
@@ -1184,6 +1314,34 @@ fn apply(
         if !editor.exists(&home.home) {
             editor.mkdir(&home.home, 0o755, home.uid, home.gid)?;
         }
+    }
+    // ~/.ssh as sshd's StrictModes wants it: the user's own, 0700, the keys 0600.
+    for (user, added, keys) in logins {
+        if added.home == "/nonexistent" || !editor.exists(&added.home) {
+            return Err(site
+                .error(
+                    "appliance::no-home-for-keys",
+                    format!(
+                        "user `{}` has no home directory for ~/.ssh/authorized_keys",
+                        user.name.value
+                    ),
+                    user.span,
+                )
+                .label("keys for this user")
+                .help(
+                    "give it one with `home=\"/var/lib/NAME\"` (system users have none by default)",
+                )
+                .into());
+        }
+        let ssh = format!("{}/.ssh", added.home.trim_end_matches('/'));
+        editor.mkdir(&ssh, 0o700, added.uid, added.gid)?;
+        editor.write(
+            &format!("{ssh}/authorized_keys"),
+            keys.as_bytes(),
+            0o600,
+            added.uid,
+            added.gid,
+        )?;
     }
     let owner_of = |accounts: &accounts::Accounts,
                     owner: Option<&Spanned<String>>,

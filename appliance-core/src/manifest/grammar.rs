@@ -333,6 +333,85 @@ fn check_suggestion_key(value: &str) -> Result<(), String> {
     }
 }
 
+/// A crypt(3) hash as `/etc/shadow` holds it: `$id$[params$]salt$hash` with a known scheme
+/// (yescrypt `$y$`, `$gy$`, `$7$`, bcrypt `$2b$`/`$2a$`/`$2y$`, SHA-512 `$6$`, SHA-256
+/// `$5$`), or `!`/`*` for a locked password. Anything else is refused, a clear-text password
+/// above all: a manifest is committed, and a password in it is a password in the repository.
+fn check_password_hash(value: &str) -> Result<(), String> {
+    bounded(value, 512)?;
+    if value == "!" || value == "*" {
+        return Ok(());
+    }
+    let hint = "give a crypt(3) hash, e.g. from `mkpasswd -m yescrypt` or `openssl passwd -6`, never the password itself";
+    let Some(rest) = value.strip_prefix('$') else {
+        return Err(format!(
+            "is not a crypt(3) hash (it does not start with `$`): {hint}"
+        ));
+    };
+    let scheme = rest.split('$').next().unwrap_or_default();
+    if !matches!(scheme, "y" | "gy" | "7" | "2b" | "2a" | "2y" | "6" | "5") {
+        return Err(format!(
+            "uses the scheme `${scheme}$`, which is not one of yescrypt (`$y$`), bcrypt (`$2b$`), SHA-512 (`$6$`) or SHA-256 (`$5$`): {hint}"
+        ));
+    }
+    only(
+        value,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '$' | '.' | '/' | '=' | ','),
+        "crypt(3) hashes",
+    )?;
+    let fields: Vec<&str> = rest.split('$').collect();
+    if fields.len() < 3 || fields.iter().skip(1).any(|f| f.is_empty()) {
+        return Err(format!(
+            "is not a whole crypt(3) hash (`$id$salt$hash`): {hint}"
+        ));
+    }
+    Ok(())
+}
+
+/// One OpenSSH public key line: `TYPE BASE64 [COMMENT]`, the key blob decoding to a blob
+/// that names the same type (what `ssh-keygen -l` checks first).
+pub fn check_ssh_key(value: &str) -> Result<(), String> {
+    use base64::Engine as _;
+    bounded(value, 16 * 1024)?;
+    no_control(value)?;
+    let mut words = value.split_ascii_whitespace();
+    let (Some(kind), Some(blob)) = (words.next(), words.next()) else {
+        return Err(
+            "is not an OpenSSH public key (`ssh-ed25519 AAAA… comment`, one line of a .pub file)"
+                .into(),
+        );
+    };
+    const TYPES: &[&str] = &[
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    if !TYPES.contains(&kind) {
+        return Err(format!(
+            "has the key type `{kind}`, which is not one OpenSSH accepts ({}); options before the key are not supported",
+            TYPES.join(", ")
+        ));
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .map_err(|_| "has a key that is not valid base64".to_owned())?;
+    let named = decoded
+        .get(..4)
+        .and_then(|len| <[u8; 4]>::try_from(len).ok())
+        .map(|len| u32::from_be_bytes(len) as usize)
+        .and_then(|len| decoded.get(4..4 + len));
+    if named != Some(kind.as_bytes()) {
+        return Err(format!(
+            "has a key blob that is not a `{kind}` key (damaged, or pasted from another key)"
+        ));
+    }
+    Ok(())
+}
+
 /// `HOST[:PORT]/PREFIX` of an OCI registry: what a reference is before `/NAME:TAG`.
 fn check_registry_prefix(value: &str) -> Result<(), String> {
     bounded(value, 200)?;
@@ -369,6 +448,18 @@ grammar!(
     "image-name",
     check_image_name,
     "`/`-separated segments of lowercase letters, digits, `.`, `_`, `-`, e.g. `debian/bookworm`"
+);
+grammar!(
+    PASSWORD_HASH,
+    "password-hash",
+    check_password_hash,
+    "a crypt(3) hash (`$y$…` yescrypt, `$2b$…` bcrypt, `$6$…` SHA-512, `$5$…` SHA-256), or `!`/`*` for none; never a clear-text password"
+);
+grammar!(
+    SSH_KEY,
+    "ssh-key",
+    check_ssh_key,
+    "one OpenSSH public key line: `TYPE BASE64 [COMMENT]`, e.g. `ssh-ed25519 AAAAC3… admin@laptop`"
 );
 grammar!(
     REGISTRY_PREFIX,
@@ -488,6 +579,54 @@ grammar!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f admin@laptop";
+
+    #[test]
+    fn password_hashes_are_crypt_hashes_and_never_passwords() {
+        for good in [
+            "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o.9agCG9G317fhZg9SqC.5i5rd.RhAtQ7",
+            "$6$rounds=5000$salt$IxDD3jeSOb5eB1CX5LBsqZFVkJdido3OUILO5Ifz5iwMuTS4XMS130MTSuDDl3aCI6WouIL9AjRbLCelDCy.g.",
+            "$2b$12$cpVlE.1yepwZp3.j9rVZ6.T4tTaWJ39gKG6s9eqwv45LfVkkU9vG2",
+            "!",
+            "*",
+        ] {
+            assert_eq!(check_password_hash(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            ("hunter2", "never the password itself"),
+            ("$1$salt$hash", "not one of yescrypt"),
+            ("$6$", "not a whole crypt(3) hash"),
+            ("$6$salt$has h", "not allowed"),
+            ("$6$salt$hash\n", "not allowed"),
+        ] {
+            let error = check_password_hash(bad).expect_err(bad);
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn ssh_keys_are_checked_down_to_their_blob() {
+        assert_eq!(check_ssh_key(KEY), Ok(()));
+        assert_eq!(check_ssh_key(&KEY.replace(" admin@laptop", "")), Ok(()));
+        for (bad, says) in [
+            ("ssh-ed25519", "not an OpenSSH public key"),
+            (
+                &KEY.replace("ssh-ed25519 ", "ssh-dss ") as &str,
+                "key type `ssh-dss`",
+            ),
+            (
+                &KEY.replace("ssh-ed25519 ", "ssh-rsa "),
+                "not a `ssh-rsa` key",
+            ),
+            (&KEY.replace("AAAAC3", "AAAA!3"), "not valid base64"),
+            ("no-pty ssh-ed25519 AAAA", "options before the key"),
+            ("ssh-ed25519 AAAA\u{7}bell", "control character"),
+        ] {
+            let error = check_ssh_key(bad).expect_err(bad);
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn hostile_names_are_rejected_everywhere() {

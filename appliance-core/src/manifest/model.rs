@@ -126,6 +126,12 @@ pub struct User {
     pub home: Option<String>,
     pub shell: Option<String>,
     pub comment: Option<String>,
+    /// A crypt(3) hash for /etc/shadow.
+    pub password_hash: Option<String>,
+    /// OpenSSH public key lines from `ssh-key` children.
+    pub ssh_keys: Vec<Spanned<String>>,
+    /// A workspace file of public keys, relative to the manifest's directory.
+    pub authorized_keys: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -310,6 +310,15 @@ fn build_appliance(
                     home: child.str_prop("home").map(|(h, _)| h),
                     shell: child.str_prop("shell").map(|(s, _)| s),
                     comment: child.str_prop("comment").map(|(c, _)| c),
+                    password_hash: child.str_prop("password-hash").map(|(h, _)| h),
+                    ssh_keys: child
+                        .children
+                        .iter()
+                        .filter(|c| c.spec.name == "ssh-key")
+                        .filter_map(|c| c.str_arg(0))
+                        .map(spanned)
+                        .collect(),
+                    authorized_keys: child.str_prop("authorized-keys").map(spanned),
                 });
             }
             "group" => {

@@ -225,6 +225,15 @@ pub fn output_format(name: &str) -> Option<&'static OutputFormat> {
 
 const OUTPUT_FORMAT_NAMES: &[&str] = &["tar", "oci", "raw", "qcow2"];
 
+static USER_CHILDREN: [NodeSpec; 1] = [node(
+    "ssh-key",
+    "An OpenSSH public key allowed to log in as the user.",
+    args("public key", string(&grammar::SSH_KEY), 1, Some(1)),
+    &[],
+    Repeat::Many,
+    r#"ssh-key "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGSc… admin@laptop""#,
+)];
+
 static OCI_CHILDREN: [NodeSpec; 4] = [
     node(
         "entrypoint",
@@ -407,34 +416,48 @@ static APPLIANCE_CHILDREN: [NodeSpec; 21] = [
         Repeat::Many,
         r#"copy "deploy/nginx.conf" to="/etc/nginx/nginx.conf" mode=0o644"#,
     ),
-    node(
-        "user",
-        "A user account, created with its group, passwd, shadow and home directory.",
-        args("user name", string(&grammar::USER_NAME), 1, Some(1)),
-        &[
-            prop(
-                "system",
-                ValueKind::Bool,
-                "a system account (id below 1000, no login)",
-            ),
-            prop("uid", ValueKind::Id, "numeric user id (default: allocated)"),
-            prop(
-                "group",
-                string(&grammar::USER_NAME),
-                "primary group (default: the user's own)",
-            ),
-            prop(
-                "groups",
-                string(&grammar::USER_LIST),
-                "supplementary groups, comma-separated",
-            ),
-            prop("home", string(&grammar::IMAGE_PATH), "home directory"),
-            prop("shell", string(&grammar::IMAGE_PATH), "login shell"),
-            prop("comment", string(&grammar::TEXT), "the GECOS field"),
-        ],
-        Repeat::Many,
-        r#"user "api" system=#true home="/var/lib/api""#,
-    ),
+    NodeSpec {
+        children: &USER_CHILDREN,
+        ..node(
+            "user",
+            "A user account, created with its group, passwd, shadow and home directory; \
+         `ssh-key` children and `authorized-keys=` go to its `~/.ssh/authorized_keys`.",
+            args("user name", string(&grammar::USER_NAME), 1, Some(1)),
+            &[
+                prop(
+                    "system",
+                    ValueKind::Bool,
+                    "a system account (id below 1000, no login)",
+                ),
+                prop("uid", ValueKind::Id, "numeric user id (default: allocated)"),
+                prop(
+                    "group",
+                    string(&grammar::USER_NAME),
+                    "primary group (default: the user's own)",
+                ),
+                prop(
+                    "groups",
+                    string(&grammar::USER_LIST),
+                    "supplementary groups, comma-separated",
+                ),
+                prop("home", string(&grammar::IMAGE_PATH), "home directory"),
+                prop("shell", string(&grammar::IMAGE_PATH), "login shell"),
+                prop("comment", string(&grammar::TEXT), "the GECOS field"),
+                prop(
+                    "password-hash",
+                    string(&grammar::PASSWORD_HASH),
+                    "the password as a crypt(3) hash for /etc/shadow (default: none, login by key only)",
+                ),
+                prop(
+                    "authorized-keys",
+                    string(&grammar::SOURCE_PATH),
+                    "a workspace file of OpenSSH public keys (one per line) for ~/.ssh/authorized_keys",
+                ),
+            ],
+            Repeat::Many,
+            r#"user "admin" groups="sudo" authorized-keys="deploy/admin.pub""#,
+        )
+    },
     node(
         "group",
         "A group.",
@@ -663,6 +686,8 @@ pub static GRAMMARS: &[&Grammar] = &[
     &grammar::IMAGE_NAME,
     &grammar::VERSION_REQ,
     &grammar::REGISTRY_PREFIX,
+    &grammar::PASSWORD_HASH,
+    &grammar::SSH_KEY,
     &grammar::PACKAGE_NAME,
     &grammar::CARGO_NAME,
     &grammar::TARGET_TRIPLE,
