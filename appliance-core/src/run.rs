@@ -43,6 +43,23 @@ pub struct RunOptions {
     pub kvm: bool,
     pub timeout: Option<Duration>,
     pub memory_mib: u32,
+    /// Where the serial console is written as well (the terminal gets it too).
+    pub serial_log: Option<PathBuf>,
+    /// Give QEMU our stdin (the console's keyboard); without a terminal, nothing.
+    pub interactive: bool,
+    /// SSH into the test drive: a forwarded port and a key for root.
+    pub ssh: Option<TestDriveSsh>,
+}
+
+/// What `cargo appliance ssh` needs of a running test drive: root's test-drive key goes in as
+/// a systemd credential (`ssh.authorized_keys.root`, which systemd's tmpfiles provision.conf
+/// writes to /root/.ssh/authorized_keys at boot unless the image has one), so neither the
+/// image nor the disk output changes; port 22 is forwarded to `port` on loopback.
+#[derive(Debug, Clone)]
+pub struct TestDriveSsh {
+    pub port: u16,
+    /// One OpenSSH public key line.
+    pub public_key: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +146,16 @@ fn qemu_command(options: &RunOptions, accel: Accel, vars: &Path, code: &Path) ->
             forward.host, forward.guest
         ));
     }
+    if let Some(ssh) = &options.ssh {
+        if !options.forwards.iter().any(|f| f.guest == 22) {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:22", ssh.port));
+        }
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD.encode(format!("{}\n", ssh.public_key));
+        command.arg("-smbios").arg(format!(
+            "type=11,value=io.systemd.credential.binary:ssh.authorized_keys.root={key}"
+        ));
+    }
     command
         .args(["-netdev", &netdev])
         .args(["-device", "virtio-net-pci,netdev=net0"]);
@@ -173,8 +200,19 @@ fn attempt(
     let (code, vars_template) = firmware()?;
     let vars = tempfile::NamedTempFile::new()?;
     fs_err::copy(&vars_template, vars.path())?;
+    let mut serial_log = match &options.serial_log {
+        Some(path) => Some(
+            fs_err::File::create(path)
+                .with_context(|| format!("creating the serial log {}", path.display()))?,
+        ),
+        None => None,
+    };
     let mut child: Child = qemu_command(options, accel, vars.path(), &code)
-        .stdin(Stdio::inherit())
+        .stdin(if options.interactive {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -194,6 +232,9 @@ fn attempt(
             Ok(Event::Stdout(chunk)) => {
                 let _ = stdout.write_all(&chunk);
                 let _ = stdout.flush();
+                if let Some(log) = serial_log.as_mut() {
+                    let _ = log.write_all(&chunk);
+                }
             }
             Ok(Event::Stderr(chunk)) => {
                 let text = String::from_utf8_lossy(&chunk);
@@ -223,6 +264,9 @@ fn attempt(
             while let Ok(event) = receiver.recv_timeout(Duration::from_millis(50)) {
                 if let Event::Stdout(chunk) = event {
                     let _ = stdout.write_all(&chunk);
+                    if let Some(log) = serial_log.as_mut() {
+                        let _ = log.write_all(&chunk);
+                    }
                 }
             }
             // Under KVM, QEMU dying (rather than the guest powering off) is KVM failing.
@@ -284,6 +328,57 @@ pub fn run(options: &RunOptions, mut note: impl FnMut(&str)) -> anyhow::Result<R
     }
 }
 
+/// Where a running test drive says how to reach it: `target/appliance/NAME/testdrive/`.
+pub fn test_drive_dir(target_dir: &Path, appliance: &str) -> PathBuf {
+    target_dir
+        .join("appliance")
+        .join(appliance)
+        .join("testdrive")
+}
+
+/// `testdrive/ssh.json`: written when a test drive with SSH starts, removed when it ends.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TestDriveState {
+    pub port: u16,
+    pub key: PathBuf,
+    /// The `cargo appliance run` that owns the VM.
+    pub pid: u32,
+}
+
+/// The test drive's key pair in `dir` (`id_ed25519`, `.pub`), made by ssh-keygen once and
+/// kept: a test drive's key is a throwaway that never leaves the target directory.
+pub fn test_drive_key(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let key = dir.join("id_ed25519");
+    let public = dir.join("id_ed25519.pub");
+    if !(key.is_file() && public.is_file()) {
+        fs_err::create_dir_all(dir)?;
+        let _ = std::fs::remove_file(&key);
+        let _ = std::fs::remove_file(&public);
+        crate::process::Cmd::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "cargo-appliance-test-drive",
+                "-f",
+            ])
+            .arg(&key)
+            .output()
+            .context("making the test drive's SSH key")?;
+    }
+    let line = fs_err::read_to_string(&public)?.trim().to_owned();
+    Ok((key, line))
+}
+
+/// A free TCP port on loopback, for the test drive's SSH.
+pub fn free_loopback_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +392,12 @@ mod tests {
             kvm: false,
             timeout: None,
             memory_mib: 512,
+            serial_log: None,
+            interactive: false,
+            ssh: Some(TestDriveSsh {
+                port: 2222,
+                public_key: "ssh-ed25519 AAAA test".into(),
+            }),
         };
         let command = qemu_command(
             &options,
@@ -314,6 +415,15 @@ mod tests {
         );
         assert!(
             args.contains(&"if=pflash,format=raw,unit=1,file=/tmp/x,,vars.fd".to_owned()),
+            "{args:?}"
+        );
+        // The test drive's SSH: a forwarded port, and root's key as a credential.
+        assert!(
+            args.contains(&"user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"type=11,value=io.systemd.credential.binary:ssh.authorized_keys.root=c3NoLWVkMjU1MTkgQUFBQSB0ZXN0Cg==".to_owned()),
             "{args:?}"
         );
     }

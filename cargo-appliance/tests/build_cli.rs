@@ -965,6 +965,7 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
         "<!doctype html><title>web</title><h1>It works</h1>\n"
     );
 
+    let output_digest = sha256_of(&qcow2);
     // Boot it: KVM when it works here, TCG otherwise; a login prompt on the serial console,
     // then nginx's page through the forwarded port.
     use std::os::unix::process::CommandExt as _;
@@ -1024,6 +1025,51 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
             std::thread::sleep(std::time::Duration::from_secs(2));
         }
     }
+    // Issue 18: logging in to the test drive with `cargo appliance ssh` (root, the test
+    // drive's own key and port), a command's words and exit status passed as ssh(1) passes
+    // them; then powered off from inside.
+    let ssh = |words: &[&str]| {
+        let mut command = binary();
+        command
+            .current_dir(&workspace)
+            .arg("--store")
+            .arg(&env.store)
+            .args(["ssh", "-a", "web", "--"])
+            .args(words)
+            .env("CARGO_TARGET_DIR", &env.target)
+            .stdin(std::process::Stdio::null());
+        command.output().expect("ssh runs")
+    };
+    let mut hostname = None;
+    if page.is_some() {
+        for _ in 0..30 {
+            let output = ssh(&["cat", "/etc/hostname"]);
+            if output.status.success() {
+                hostname = Some(String::from_utf8_lossy(&output.stdout).into_owned());
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    }
+    let exit_status = hostname
+        .is_some()
+        .then(|| ssh(&["exit", "3"]).status.code());
+    let words = hostname.is_some().then(|| {
+        String::from_utf8_lossy(&ssh(&["echo", "two  words", "'$HOSTNAME'"]).stdout).into_owned()
+    });
+    let powered_off = hostname.is_some() && {
+        let _ = ssh(&["systemctl", "poweroff"]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            if let Ok(Some(status)) = vm.try_wait() {
+                break status.success();
+            }
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    };
     let _ = Command::new("kill")
         .args(["-KILL", "--", &format!("-{group}")])
         .status();
@@ -1042,6 +1088,29 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
     );
     let page = page.expect("nginx answered through the forwarded port");
     assert!(page.contains("It works, updated"), "{page}");
+    assert_eq!(
+        hostname.as_deref(),
+        Some("web\n"),
+        "ssh as root with the test drive's key"
+    );
+    assert_eq!(
+        exit_status,
+        Some(Some(3)),
+        "the remote command's exit status"
+    );
+    assert_eq!(words.as_deref(), Some("two words $HOSTNAME\n"));
+    assert!(powered_off, "`run` ends when the VM powers off from inside");
+    let after = ssh(&["true"]);
+    assert!(
+        String::from_utf8_lossy(&after.stderr).contains("no test drive of `web` is running"),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    let serial = std::fs::read_to_string(env.target.join("appliance/web/serial.log"))
+        .expect("the console is kept in serial.log");
+    assert!(serial.contains("web login:"), "{serial}");
+    // The test drive never wrote the output.
+    assert_eq!(sha256_of(&qcow2), output_digest);
 }
 
 /// `path mode uid gid size` of every entry under `root` (sizes of regular files only), as

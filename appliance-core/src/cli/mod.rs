@@ -86,7 +86,10 @@ pub enum Command {
     /// Build the appliances: base, packages, files and binaries, configuration, outputs
     Build(BuildArgs),
     /// Build an appliance's disk output and boot it under QEMU, serial console on the terminal
+    /// (and in target/appliance/NAME/serial.log)
     Run(RunArgs),
+    /// Log in to the running test drive over SSH (as root, with the test drive's own key)
+    Ssh(SshArgs),
     /// Re-resolve bases to the newest stored images and drop package pins in Appliance.lock
     Update(CheckArgs),
     /// List the images in the store
@@ -343,6 +346,19 @@ pub struct RunArgs {
     pub memory: u32,
 }
 
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The appliance whose test drive to reach (needed when several have disk outputs)
+    #[arg(short = 'a', long = "appliance", value_name = "NAME")]
+    pub appliance: Option<String>,
+    /// The user to log in as; root has the test drive's key
+    #[arg(long, default_value = "root")]
+    pub user: String,
+    /// A command for the remote shell (as ssh(1) passes it); interactive without one
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
 /// Entry point for the binary: parse arguments, run, print, return the exit code.
 pub fn main() -> ExitCode {
     // Cargo runs `cargo-appliance appliance <args>`; run directly, there is no `appliance`.
@@ -356,8 +372,9 @@ pub fn main() -> ExitCode {
 
 pub fn run(cli: &Cli) -> ExitCode {
     use crate::process::interrupt;
-    // `run` leaves Ctrl-C to QEMU on its terminal and dies with its default handler.
-    if !matches!(cli.command, Command::Run(_))
+    // `run` and `ssh` leave Ctrl-C to the program on the terminal (QEMU, ssh) and die with
+    // the default handler.
+    if !matches!(cli.command, Command::Run(_) | Command::Ssh(_))
         && let Err(error) = interrupt::install()
     {
         let _ = writeln!(
@@ -399,6 +416,13 @@ fn run_command(cli: &Cli) -> ExitCode {
         Command::Build(args) => run_build(&cli.global, args),
         Command::Update(args) => run_update(&cli.global, args),
         Command::Run(args) => run_vm(&cli.global, args),
+        Command::Ssh(args) => match ssh(&cli.global, args) {
+            Ok(code) => code,
+            Err(error) => {
+                report_error(&cli.global, &error);
+                ExitCode::FAILURE
+            }
+        },
         command => match store_commands::run_store_command(&cli.global, command) {
             Ok(code) => code,
             // The reader went away (`… | head`): stop quietly, as cargo and ripgrep do.
@@ -929,7 +953,11 @@ fn run_vm(global: &GlobalArgs, args: &RunArgs) -> ExitCode {
     }
 }
 
-fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
+/// The appliance a test-drive command means: `-a NAME`, or the only one with a disk output.
+fn test_drive_appliance(
+    global: &GlobalArgs,
+    chosen: Option<&String>,
+) -> anyhow::Result<(crate::check::CheckReport, String)> {
     let all = check(&CheckOptions {
         manifest_path: global.manifest_path.clone(),
         appliances: Vec::new(),
@@ -940,7 +968,7 @@ fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
         .filter(|(_, a)| a.outputs.iter().any(|o| is_disk(&o.format.value)))
         .map(|(_, a)| a.name.value.clone())
         .collect();
-    let name = match &args.appliance {
+    let name = match chosen {
         Some(name) => name.clone(),
         None => match candidates.as_slice() {
             [one] => one.clone(),
@@ -956,6 +984,71 @@ fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     if !candidates.contains(&name) {
         anyhow::bail!("appliance `{name}` has no disk output to boot (add `output \"qcow2\"`)");
     }
+    Ok((all, name))
+}
+
+/// `cargo appliance ssh`: ssh(1) into the running test drive with its key and port; the
+/// exit status is the remote command's (ssh's own 255 when it cannot connect).
+fn ssh(global: &GlobalArgs, args: &SshArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    if let Some(missing) = crate::process::host::describe_missing(crate::process::host::Need::Ssh) {
+        anyhow::bail!("`cargo appliance ssh` needs {missing}");
+    }
+    let (report, name) = test_drive_appliance(global, args.appliance.as_ref())?;
+    let dir = crate::run::test_drive_dir(&report.workspace.target_dir, &name);
+    let state_path = dir.join("ssh.json");
+    let not_running = || {
+        anyhow::anyhow!(
+            "no test drive of `{name}` is running; start one with `cargo appliance run -a {name}` (it can run in the background: its console goes to target/appliance/{name}/serial.log)"
+        )
+    };
+    let state: crate::run::TestDriveState = match fs_err::read(&state_path) {
+        Ok(data) => serde_json::from_slice(&data)
+            .with_context(|| format!("{} is damaged", state_path.display()))?,
+        Err(_) => return Err(not_running()),
+    };
+    if !std::path::Path::new(&format!("/proc/{}", state.pid)).exists() {
+        return Err(not_running());
+    }
+    let mut command = crate::process::dies_with_us("ssh");
+    command
+        .arg("-i")
+        .arg(&state.key)
+        .args(["-p", &state.port.to_string()])
+        // A test drive's host key changes with every build: nothing to remember or check.
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=10",
+        ]);
+    if args.command.is_empty() && std::io::stdin().is_terminal() {
+        command.arg("-t");
+    }
+    command
+        .arg("--")
+        .arg(format!("{}@127.0.0.1", args.user))
+        .args(&args.command);
+    let status = command
+        .status()
+        .context("running ssh (Debian package openssh-client)")?;
+    use std::os::unix::process::ExitStatusExt as _;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let (_all, name) = test_drive_appliance(global, args.appliance.as_ref())?;
+    let is_disk = |format: &str| matches!(format, "raw" | "qcow2");
     let options = CheckOptions {
         manifest_path: global.manifest_path.clone(),
         appliances: vec![name.clone()],
@@ -1016,6 +1109,43 @@ fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
         .and_then(|e| e.to_str())
         .unwrap_or("raw")
         .to_owned();
+    // The test drive: its console in a log file as well, its SSH key and port for
+    // `cargo appliance ssh` (never in the image or the output: see run::TestDriveSsh).
+    use std::io::IsTerminal as _;
+    let drive = crate::run::test_drive_dir(&report.workspace.target_dir, &name);
+    fs_err::create_dir_all(&drive)?;
+    let serial_log = drive.parent().map(|dir| dir.join("serial.log"));
+    let ssh = if crate::process::host::missing(crate::process::host::Need::Ssh).is_empty() {
+        let (key, public_key) = crate::run::test_drive_key(&drive)?;
+        let port = appliance
+            .forwards
+            .iter()
+            .find(|f| f.guest == 22)
+            .map(|f| f.host)
+            .map_or_else(crate::run::free_loopback_port, Ok)?;
+        let state = crate::run::TestDriveState {
+            port,
+            key,
+            pid: std::process::id(),
+        };
+        crate::json_file::write_atomically(&drive.join("ssh.json"), &state)?;
+        Some(crate::run::TestDriveSsh { port, public_key })
+    } else {
+        reporter.status(
+            "Note",
+            "ssh-keygen (openssh-client) is missing: no SSH into this test drive",
+        );
+        None
+    };
+    if let Some(ssh) = &ssh {
+        reporter.status(
+            "SSH",
+            &format!(
+                "`cargo appliance ssh -a {name}` logs in as root (port {} on 127.0.0.1)",
+                ssh.port
+            ),
+        );
+    }
     let outcome = crate::run::run(
         &crate::run::RunOptions {
             disk: disk.clone(),
@@ -1024,9 +1154,14 @@ fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
             kvm: !args.no_kvm,
             timeout: args.timeout.map(std::time::Duration::from_secs),
             memory_mib: args.memory,
+            serial_log,
+            interactive: std::io::stdin().is_terminal(),
+            ssh,
         },
         |note| reporter.status("Running", note),
-    )?;
+    );
+    let _ = std::fs::remove_file(drive.join("ssh.json"));
+    let outcome = outcome?;
     if !outcome.powered_off {
         reporter.status("Stopped", "the timeout ended the VM");
         return Ok(ExitCode::SUCCESS);

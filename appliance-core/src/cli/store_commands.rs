@@ -67,7 +67,11 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
     let store = open_store(global)?;
     let json = global.message_format == MessageFormat::Json;
     match command {
-        Command::Check(_) | Command::Build(_) | Command::Update(_) | Command::Run(_) => {
+        Command::Check(_)
+        | Command::Build(_)
+        | Command::Update(_)
+        | Command::Run(_)
+        | Command::Ssh(_) => {
             unreachable!("dispatched by cli::run")
         }
         Command::Images(args) => {

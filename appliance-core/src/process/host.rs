@@ -21,6 +21,8 @@ pub enum Need {
     Qcow2,
     /// `cargo appliance run`.
     Boot,
+    /// `cargo appliance ssh` and the test drive's key.
+    Ssh,
     /// `push` and `pull`: the OCI distribution protocol.
     Registry,
     /// The test suite only: independent readers of what the tool writes.
@@ -71,6 +73,8 @@ pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram::new("cp", "coreutils", &[Need::Disk, Need::Tests]),
     HostProgram::new("qemu-img", "qemu-utils", &[Need::Qcow2, Need::Tests]),
     HostProgram::new("qemu-system-x86_64", "qemu-system-x86", &[Need::Boot]),
+    HostProgram::new("ssh", "openssh-client", &[Need::Ssh, Need::Tests]),
+    HostProgram::new("ssh-keygen", "openssh-client", &[Need::Ssh]),
     HostProgram::new("skopeo", "skopeo", &[Need::Registry, Need::Tests]),
     HostProgram::new("docker-registry", "docker-registry", &[Need::Tests]),
     HostProgram::new("openssl", "openssl", &[Need::Tests]),
