@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use appliance_core::history::{self, Change, Derivation, stats};
+use appliance_core::history::{self, Change, Derivation};
+use appliance_core::suggest::stats;
 
 const TARGET_DERIVATIONS: usize = 100_000;
 const RUNS: usize = 5;

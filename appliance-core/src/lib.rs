@@ -7,11 +7,13 @@
 //! line (clap types, dispatch, the printer, the store commands).
 
 pub mod build;
+pub mod change;
 pub mod check;
 pub mod cli;
 pub mod diagnostics;
-pub mod diff;
+pub mod dpkg;
 pub mod history;
+pub mod image_reference;
 pub mod json_file;
 pub mod manifest;
 pub mod output;
@@ -20,5 +22,6 @@ pub mod process;
 pub mod registry;
 pub mod run;
 pub mod store;
+pub mod suggest;
 pub mod test_hooks;
 pub mod workspace;

@@ -134,6 +134,41 @@ fn edit(path: &Path, from: &str, to: &str) {
     std::fs::write(path, text.replacen(from, to, 1)).expect("write");
 }
 
+/// `build --plan -a web --message-format json`: each step (`output FORMAT` for outputs)
+/// and whether it will run; every step must carry a key or say why it has none.
+fn plan_of(env: &Env, workspace: &Path) -> Vec<(String, bool)> {
+    let output = env.command(
+        workspace,
+        &["build", "--plan", "-a", "web", "--message-format", "json"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON plan");
+    assert_eq!(plan["reason"], "build-plan");
+    let appliances = plan["appliances"].as_array().expect("appliances");
+    assert_eq!(appliances.len(), 1, "{plan}");
+    appliances[0]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|step| {
+            let name = match step["format"].as_str() {
+                Some(format) => format!("output {format}"),
+                None => step["step"].as_str().expect("step").to_owned(),
+            };
+            let run = step["run"].as_bool().expect("run");
+            if matches!(name.as_str(), "base" | "packages" | "appliance") && !run {
+                assert!(step["key"].is_string(), "a reused step has its key: {step}");
+            }
+            assert!(step["why"].is_string(), "{step}");
+            (name, run)
+        })
+        .collect()
+}
+
 fn dpkg_state(status: &str, package: &str) -> Option<String> {
     status.split("\n\n").find_map(|stanza| {
         let name = stanza.lines().find_map(|l| l.strip_prefix("Package: "))?;
@@ -300,9 +335,41 @@ fn build_installs_packages_binaries_files_users_and_services_and_reuses_what_it_
     assert!(again.contains("Fresh web → web@1"), "{again}");
     assert_eq!(env.images().len(), images_before);
 
-    // Changing one copied file redoes the appliance step only.
+    // The plan of a no-op build: every step reused, each with its key.
+    let plan = plan_of(&env, &workspace);
+    assert_eq!(
+        plan,
+        [
+            ("base".to_owned(), false),
+            ("packages".to_owned(), false),
+            ("appliance".to_owned(), false),
+            ("output oci".to_owned(), false),
+            ("output tar".to_owned(), false),
+        ],
+        "the demo's web appliance as planned"
+    );
+
+    // Changing one copied file redoes the appliance step only: the plan says so before any
+    // work, and -v says which file.
     write(&workspace.join("static/index.html"), "<h1>changed</h1>\n");
-    let changed = env.ok(&workspace, &["build", "-a", "web"]);
+    let plan = plan_of(&env, &workspace);
+    let running: Vec<&str> = plan
+        .iter()
+        .filter(|(_, run)| *run)
+        .map(|(step, _)| step.as_str())
+        .collect();
+    assert_eq!(
+        running,
+        ["appliance", "output oci", "output tar"],
+        "{plan:?}"
+    );
+    assert_eq!(env.images().len(), images_before, "planning stores nothing");
+    let changed = env.ok(&workspace, &["build", "-a", "web", "-v"]);
+    assert!(
+        changed
+            .contains("web: appliance runs: `static/index.html` changed (→ /srv/www/index.html)"),
+        "{changed}"
+    );
     assert!(!changed.contains("Installing"), "{changed}");
     assert!(changed.contains("Built web → web@2"), "{changed}");
     let web2 = env.json(&["image", "show", "web@2"]);

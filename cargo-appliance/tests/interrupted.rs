@@ -162,6 +162,54 @@ fn a_script_past_its_timeout_fails_the_build_naming_the_node_and_the_limit() {
     setup.fsck_is_clean();
 }
 
+/// HOSTILE item 26, the disk: a script that writes without end fills only the space its
+/// changes may take (a bounded tmpfs upper layer), fails on its node, and stores nothing.
+#[test]
+fn a_script_that_fills_its_space_fails_the_build_and_leaves_the_store_alone() {
+    let setup = Setup::new("run \"dd if=/dev/zero of=/var/fill bs=1M count=400\"");
+    let before = setup.images();
+    let free_before = free_bytes(&setup.work.path().join("store"));
+    let output = setup
+        .build()
+        .env("CARGO_APPLIANCE_OVERLAY_MEMORY", (64u64 << 20).to_string())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("appliance::run-out-of-space"), "{stderr}");
+    assert!(stderr.contains("filled the 64 MiB"), "{stderr}");
+    assert!(
+        stderr.contains("dd if=/dev/zero"),
+        "the node is shown: {stderr}"
+    );
+    assert_eq!(setup.images(), before, "nothing was stored");
+    setup.fsck_is_clean();
+    let free_after = free_bytes(&setup.work.path().join("store"));
+    assert!(
+        free_after + (100 << 20) > free_before,
+        "the store's disk lost {} MiB",
+        (free_before - free_after) >> 20
+    );
+    let staging = setup.work.path().join("store/staging");
+    assert!(
+        std::fs::read_dir(&staging).map_or(true, |mut d| d.next().is_none()),
+        "the build's temporary state is gone"
+    );
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let output = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .expect("df runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df's number")
+}
+
 fn stopped_by(signal: &str) {
     let marker = format!("1000{}{}", std::process::id(), signal.len());
     // `sleep` as a child of the script's shell: SIGTERM to the build must still end both.

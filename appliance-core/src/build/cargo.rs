@@ -116,6 +116,16 @@ pub struct CargoFailure {
 }
 
 /// Build (or reuse) a binary; returns the artifact.
+/// The remembered artifact of `spec`, when the workspace is as it was built from and the
+/// file is still what was built: cargo need not run.
+pub fn cached_artifact(cache: &ArtifactCache, stamp: &str, spec: &BinarySpec) -> Option<Artifact> {
+    cache
+        .get(spec)
+        .filter(|artifact| artifact.workspace_stamp == stamp)
+        .filter(|artifact| file_digest(&artifact.path).is_ok_and(|d| d == artifact.digest))
+        .cloned()
+}
+
 pub fn build_binary(
     workspace: &Workspace,
     cache: &mut ArtifactCache,
@@ -123,11 +133,8 @@ pub fn build_binary(
     spec: &BinarySpec,
     offline: bool,
 ) -> anyhow::Result<(Artifact, bool)> {
-    if let Some(artifact) = cache.get(spec)
-        && artifact.workspace_stamp == stamp
-        && file_digest(&artifact.path).is_ok_and(|d| d == artifact.digest)
-    {
-        return Ok((artifact.clone(), true));
+    if let Some(artifact) = cached_artifact(cache, stamp, spec) {
+        return Ok((artifact, true));
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // Its own process group: an interrupted build stops rustc too.

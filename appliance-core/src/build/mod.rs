@@ -9,6 +9,7 @@ pub mod edit;
 pub mod files;
 pub mod lockfile;
 pub mod packages_step;
+pub mod plan;
 pub mod progress;
 pub mod systemd;
 
@@ -101,14 +102,23 @@ impl Site<'_> {
 }
 
 /// Build the checked appliances of `report` (which must be free of errors), bases first.
-pub fn build(
+/// The plan of `build` with these options: what each step would do and why, with nothing
+/// done (no pull, no apt, no cargo, no output written, the lock untouched).
+pub fn plan(
     report: &CheckReport,
     store: &Store,
     options: &BuildOptions,
     reporter: &Reporter,
-) -> Result<Vec<Built>, BuildError> {
-    let workspace = &report.workspace;
-    let sites: BTreeMap<&str, Site<'_>> = report
+) -> Result<plan::BuildPlan, BuildError> {
+    let sites = sites_of(report);
+    let order = build_order(report, &sites);
+    let lock = LockFile::read(&lockfile::path(&report.workspace.root))?.unwrap_or_default();
+    let mut context = Context::new(report, store, options, reporter)?;
+    context.plan(&order, &sites, &lock)
+}
+
+fn sites_of(report: &CheckReport) -> BTreeMap<&str, Site<'_>> {
+    report
         .manifests
         .iter()
         .flat_map(|manifest| {
@@ -122,7 +132,17 @@ pub fn build(
                 )
             })
         })
-        .collect();
+        .collect()
+}
+
+pub fn build(
+    report: &CheckReport,
+    store: &Store,
+    options: &BuildOptions,
+    reporter: &Reporter,
+) -> Result<Vec<Built>, BuildError> {
+    let workspace = &report.workspace;
+    let sites = sites_of(report);
     let order = build_order(report, &sites);
     // Before any work: a missing program should not cost the minutes apt and cargo take.
     let missing: Vec<Diagnostic> = order
@@ -146,31 +166,73 @@ pub fn build(
     let mut new_lock = old_lock.clone();
     // A build holds off gc from its first staged object to its last catalog row.
     let _lease = store.gc_lease()?;
-    let mut context = Context {
-        store,
-        reporter,
-        options,
-        workspace,
-        fingerprints: Fingerprints::load(workspace),
-        artifacts: cargo::ArtifactCache::load(workspace),
-        workspace_stamp: None,
-        // One read of the catalog per build; images this build stores are added as it goes.
-        images: store.list_cached(&workspace.target_dir.join("appliance/.images.json"))?,
-        epoch: crate::store::export::source_date_epoch().unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64)
-        }),
-    };
+    let mut context = Context::new(report, store, options, reporter)?;
     // --locked: every appliance whose base is a stored image is checked before any work, so
-    // a stale entry of the second appliance fails the build before the first is built. (An
-    // appliance on another appliance is checked once its parent is built: its start image
-    // is only known then.)
+    // a stale entry of the second appliance fails the build before the first is built.
     if options.locked {
         for name in &order {
             if let Some(site) = sites.get(name.as_str()) {
                 let locked = old_lock.appliances.get(name).cloned().unwrap_or_default();
                 context.check_locked(site, &locked)?;
+            }
+        }
+    }
+    if options.locked || reporter.is_verbose() {
+        let plan = context.plan(&order, &sites, &old_lock)?;
+        // An appliance on an appliance: its package step's key follows its base appliance's
+        // image. Known from the plan (the base is reused), it must be the locked key; when
+        // the base is surely rebuilt, the locked key cannot hold. Either fails before work.
+        if options.locked {
+            for planned in &plan.appliances {
+                let on_appliance = sites.get(planned.appliance.as_str()).is_some_and(|site| {
+                    matches!(
+                        site.appliance.base.as_ref().map(|b| &b.value),
+                        Some(BaseRef::Appliance { .. })
+                    )
+                });
+                let Some(packages) = planned.steps.iter().find(|s| s.step == "packages") else {
+                    continue;
+                };
+                let locked_key = old_lock
+                    .appliances
+                    .get(&planned.appliance)
+                    .and_then(|entry| entry.packages.as_ref())
+                    .map(|p| p.key.as_str());
+                let stale = match &packages.key {
+                    Some(key) => locked_key != Some(key.as_str()),
+                    None => packages.run && packages.certain,
+                };
+                if on_appliance && stale {
+                    return Err(anyhow::anyhow!(
+                        "--locked: Appliance.lock needs to be updated for `{}` (its package step starts from its base appliance's image, which {}), but --locked forbids changing it",
+                        planned.appliance,
+                        if packages.key.is_some() {
+                            "is not the one it pins"
+                        } else {
+                            "is rebuilt first"
+                        }
+                    )
+                    .into());
+                }
+            }
+        }
+        // -v: why each step that runs does, before it runs (as Cargo's "Dirty" lines).
+        for appliance in &plan.appliances {
+            for step in appliance.steps.iter().filter(|s| s.run) {
+                let label = match &step.format {
+                    Some(format) => format!("output {format}"),
+                    None => step.step.to_owned(),
+                };
+                reporter.explain(&format!(
+                    "{}: {label} runs: {}{}",
+                    appliance.appliance,
+                    step.why,
+                    if step.certain {
+                        ""
+                    } else {
+                        " (it may find nothing new)"
+                    }
+                ));
             }
         }
     }
@@ -288,9 +350,15 @@ fn locked_violation(
     let packages_changed = !wish.is_empty()
         && locked.packages.as_ref().map(|p| p.key.as_str()) != Some(wish.key(base).as_str());
     if base_changed || packages_changed {
+        let older_format = locked
+            .base
+            .as_ref()
+            .is_some_and(|pin| base.legacy_tree_digest.as_deref() == Some(pin.digest.as_str()));
         return Err(anyhow::anyhow!(
             "--locked: Appliance.lock needs to be updated for `{name}` ({}), but --locked forbids changing it",
-            if base_changed {
+            if older_format {
+                "it pins its base by the earlier tree-digest format; run `cargo appliance build` once without --locked to rewrite it"
+            } else if base_changed {
                 "its base resolves to another image"
             } else {
                 "its package set changed"
@@ -299,6 +367,18 @@ fn locked_violation(
         .into());
     }
     Ok(())
+}
+
+/// What a base resolves to before anything is pulled.
+enum BaseChoice<'a> {
+    Stored(ImageRecord),
+    Pull {
+        prefix: String,
+        span: Span,
+        source: BaseSource<'a>,
+    },
+    /// Boxed: a diagnostic is large, and it is the rare case.
+    Missing(Box<Diagnostic>),
 }
 
 /// Where a base missing from the store comes from.
@@ -455,7 +535,32 @@ struct Context<'a> {
     epoch: i64,
 }
 
-impl Context<'_> {
+impl<'a> Context<'a> {
+    fn new(
+        report: &'a CheckReport,
+        store: &'a Store,
+        options: &'a BuildOptions,
+        reporter: &'a Reporter,
+    ) -> anyhow::Result<Self> {
+        let workspace = &report.workspace;
+        Ok(Context {
+            store,
+            reporter,
+            options,
+            workspace,
+            fingerprints: Fingerprints::load(workspace),
+            artifacts: cargo::ArtifactCache::load(workspace),
+            workspace_stamp: None,
+            // One read of the catalog per build; images this build stores are added as it goes.
+            images: store.list_cached(&workspace.target_dir.join("appliance/.images.json"))?,
+            epoch: crate::store::export::source_date_epoch().unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64)
+            }),
+        })
+    }
+
     fn build_one(
         &mut self,
         site: &Site<'_>,
@@ -507,7 +612,7 @@ impl Context<'_> {
         self.reporter.explain(&format!(
             "{name}: base {} ({})",
             base.reference(),
-            short(&base.tree_digest)
+            crate::store::short(&base.tree_digest)
         ));
 
         // Packages.
@@ -521,18 +626,12 @@ impl Context<'_> {
             let (image, did_work) = self.package_step(site, &base, &wish, locked)?;
             fresh &= !did_work;
             // Stored images carry their package versions in the provenance: no catalog query.
-            let installed: BTreeMap<String, String> = image
-                .provenance
-                .get("packages")
-                .and_then(|p| p.as_object())
-                .map(|versions| {
-                    versions
-                        .iter()
-                        .filter(|(name, _)| wish.wanted.contains(*name))
-                        .filter_map(|(name, v)| Some((name.clone(), v.as_str()?.to_owned())))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let installed: BTreeMap<String, String> =
+                crate::store::provenance::common(&image.provenance)
+                    .packages
+                    .into_iter()
+                    .filter(|(name, _)| wish.wanted.contains(name))
+                    .collect();
             lock_entry.packages = Some(LockedPackages {
                 key: wish.key(&base),
                 digest: image.tree_digest.clone(),
@@ -568,7 +667,29 @@ impl Context<'_> {
         registry: Option<(&str, Span)>,
         locked: &LockedAppliance,
     ) -> Result<ImageRecord, BuildError> {
-        let images = self.images.clone();
+        match self.find_base(site, span, image_name, requirement, registry, locked) {
+            BaseChoice::Stored(image) => Ok(image),
+            BaseChoice::Pull {
+                prefix,
+                span,
+                source,
+            } => self.pull_base(site, span, image_name, &prefix, source),
+            BaseChoice::Missing(diagnostic) => Err((*diagnostic).into()),
+        }
+    }
+
+    /// Where a base comes from, without pulling: the stored image the lock pins, else the
+    /// newest stored match, else the registry's (the lock's pulled image, or the newest tag).
+    fn find_base<'r>(
+        &self,
+        site: &Site<'_>,
+        span: Span,
+        image_name: &str,
+        requirement: Option<&'r crate::manifest::version::VersionReq>,
+        registry: Option<(&str, Span)>,
+        locked: &LockedAppliance,
+    ) -> BaseChoice<'r> {
+        let images = &self.images;
         let matches = |image: &ImageRecord| {
             image.name == image_name
                 && !image.needs_repair
@@ -582,9 +703,9 @@ impl Context<'_> {
             && let Some(image) = images
                 .iter()
                 .filter(|i| matches(i))
-                .find(|i| i.tree_digest == pin.digest && i.version == pin.version)
+                .find(|i| i.has_tree(&pin.digest) && i.version == pin.version)
         {
-            return Ok(image.clone());
+            return BaseChoice::Stored(image.clone());
         }
         // Pinned to an image pulled from the registry the manifest still names: that image
         // exactly, not whatever the store or the registry has now.
@@ -592,16 +713,14 @@ impl Context<'_> {
             && pin.name == image_name
             && let Some(pulled) = &pin.pulled
         {
-            return self.pull_base(
-                site,
-                registry_span,
-                image_name,
-                prefix,
-                BaseSource::Pinned {
+            return BaseChoice::Pull {
+                prefix: prefix.to_owned(),
+                span: registry_span,
+                source: BaseSource::Pinned {
                     reference: pulled.clone(),
                     version: pin.version.clone(),
                 },
-            );
+            };
         }
         let newest = images.iter().filter(|i| matches(i)).max_by(|a, b| {
             crate::store::version_key(&a.version)
@@ -609,14 +728,12 @@ impl Context<'_> {
                 .then(a.id.cmp(&b.id))
         });
         match (newest, registry) {
-            (Some(image), _) => Ok(image.clone()),
-            (None, Some((prefix, registry_span))) => self.pull_base(
-                site,
-                registry_span,
-                image_name,
-                prefix,
-                BaseSource::Newest(requirement),
-            ),
+            (Some(image), _) => BaseChoice::Stored(image.clone()),
+            (None, Some((prefix, registry_span))) => BaseChoice::Pull {
+                prefix: prefix.to_owned(),
+                span: registry_span,
+                source: BaseSource::Newest(requirement),
+            },
             (None, None) => {
                 let other_versions: Vec<String> = images
                     .iter()
@@ -634,8 +751,8 @@ impl Context<'_> {
                         other_versions.join(", ")
                     )
                 };
-                Err(site
-                    .error(
+                BaseChoice::Missing(Box::new(
+                    site.error(
                         "appliance::base-not-found",
                         format!(
                             "no image `{image_name}` in the store {}",
@@ -644,8 +761,8 @@ impl Context<'_> {
                         span,
                     )
                     .label("not in the store")
-                    .help(help)
-                    .into())
+                    .help(help),
+                ))
             }
         }
     }
@@ -931,7 +1048,9 @@ impl Context<'_> {
             .images
             .iter()
             .filter(|i| !i.needs_repair && i.parent == Some(parent.id))
-            .filter(|i| i.provenance.get("key").and_then(|k| k.as_str()) == Some(key.as_str()))
+            .filter(|i| {
+                matches!(i.step(), Some(crate::store::provenance::Step::Appliance(step)) if step.key == key)
+            })
             .max_by_key(|i| i.id)
         {
             return Ok((found.clone(), false));
@@ -955,13 +1074,24 @@ impl Context<'_> {
                 return Err(error);
             }
         };
-        let provenance = json!({
-            "source": "cargo-appliance build",
-            "step": "appliance",
-            "key": key,
-            "appliance": appliance.name.value,
-            "manifest": self.workspace.display_path(&site.manifest.path),
-        });
+        // The key's parts, so the next plan can say which one changed.
+        let inputs = plan::appliance_inputs(
+            appliance,
+            parent,
+            &copies,
+            &binaries,
+            &scripts,
+            &keys,
+            &self.workspace.root,
+        );
+        let provenance = packages_step::step_provenance(crate::store::provenance::Step::Appliance(
+            crate::store::provenance::ApplianceStep {
+                key,
+                appliance: appliance.name.value.clone(),
+                manifest: Some(self.workspace.display_path(&site.manifest.path)),
+                inputs: serde_json::to_value(&inputs).ok(),
+            },
+        ));
         let new = NewTree {
             name: appliance.name.value.clone(),
             version: None,
@@ -985,30 +1115,8 @@ impl Context<'_> {
         let appliance = site.appliance;
         let mut out = Vec::new();
         for binary in &appliance.binaries {
-            let package = match &binary.package {
-                Some(package) => package.value.clone(),
-                None => self
-                    .workspace
-                    .packages
-                    .iter()
-                    .find(|p| p.bins.contains(&binary.name.value))
-                    .map(|p| p.name.clone())
-                    .context("binary without a package (check should have said so)")?,
-            };
-            let spec = cargo::BinarySpec {
-                package,
-                bin: binary.name.value.clone(),
-                target: binary.target.clone(),
-                profile: binary.profile.clone(),
-            };
-            let stamp = match &self.workspace_stamp {
-                Some(stamp) => stamp.clone(),
-                None => {
-                    let stamp = cargo::workspace_stamp(self.workspace);
-                    self.workspace_stamp = Some(stamp.clone());
-                    stamp
-                }
-            };
+            let spec = self.binary_spec(binary)?;
+            let stamp = self.workspace_stamp();
             let spinner = self
                 .reporter
                 .spinner(&format!("cargo build --bin {}", spec.bin));
@@ -1047,6 +1155,35 @@ impl Context<'_> {
         Ok(out)
     }
 
+    fn binary_spec(
+        &self,
+        binary: &crate::manifest::model::Binary,
+    ) -> Result<cargo::BinarySpec, BuildError> {
+        let package = match &binary.package {
+            Some(package) => package.value.clone(),
+            None => self
+                .workspace
+                .packages
+                .iter()
+                .find(|p| p.bins.contains(&binary.name.value))
+                .map(|p| p.name.clone())
+                .context("binary without a package (check should have said so)")?,
+        };
+        Ok(cargo::BinarySpec {
+            package,
+            bin: binary.name.value.clone(),
+            target: binary.target.clone(),
+            profile: binary.profile.clone(),
+        })
+    }
+
+    /// The workspace's source stamp, computed once per build.
+    fn workspace_stamp(&mut self) -> String {
+        self.workspace_stamp
+            .get_or_insert_with(|| cargo::workspace_stamp(self.workspace))
+            .clone()
+    }
+
     fn run_scripts(&self, site: &Site<'_>, manifest_dir: &Path) -> Result<Vec<Script>, BuildError> {
         let mut scripts = Vec::new();
         for run in &site.appliance.runs {
@@ -1071,7 +1208,10 @@ impl Context<'_> {
         Ok(scripts)
     }
 
-    /// Materialize the edited tree, run the scripts in the sandbox, store the result.
+    /// Materialize the edited tree, run the scripts in the sandbox, store the result. The
+    /// scripts write to an overlay whose upper layer is a tmpfs of bounded size (as apt's
+    /// changes are): a script that fills it fails on its `run` node, and the store's disk
+    /// never fills. Where overlayfs cannot be used, they run on the copy itself.
     fn run_and_store(
         &self,
         site: &Site<'_>,
@@ -1087,31 +1227,96 @@ impl Context<'_> {
         let root = work.dir().join("root");
         let result = (|| -> Result<ImageRecord, BuildError> {
             crate::store::export::export_directory(&tree, &store.objects(), &root)?;
-            // Files the scripts leave alone are not read and hashed again.
-            let known = crate::store::import::KnownContent::record(&root, &tree)?;
-            let sandbox = crate::packages::apt::Sandbox::prepare(&root)?;
+            let space = packages_step::script_space();
+            let overlay = match space {
+                Some(bytes) if crate::packages::overlay::can_overlay(&tree) => {
+                    match crate::packages::overlay::Overlay::mount(
+                        &root,
+                        &work.dir().join("overlay"),
+                        crate::packages::overlay::UpperLayer::InMemory(bytes),
+                    ) {
+                        Ok(overlay) => Some(overlay),
+                        Err(error) => {
+                            self.reporter
+                                .explain(&format!("{error:#}; the scripts write to the copy"));
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let (view, sandbox) = match &overlay {
+                Some(overlay) => (
+                    overlay.view(),
+                    crate::packages::apt::Sandbox::prepare_entered(
+                        &overlay.view(),
+                        overlay.merged(),
+                        overlay.enter(),
+                    )?,
+                ),
+                None => (root.clone(), crate::packages::apt::Sandbox::prepare(&root)?),
+            };
+            // Files the scripts leave alone are not read and hashed again (copy only).
+            let known = match overlay {
+                Some(_) => None,
+                None => Some(crate::store::import::KnownContent::record(&root, &tree)?),
+            };
             for (index, script) in scripts.iter().enumerate() {
                 // /tmp is a fresh tmpfs inside the sandbox: the script waits in the root.
-                let script_in_root = root.join(format!("run-{index}.sh"));
+                let script_in_root = view.join(format!("run-{index}.sh"));
                 fs_err::write(&script_in_root, &script.text)?;
                 let name = format!("/run-{index}.sh");
                 let spinner = self.reporter.spinner(&format!("run script {}", index + 1));
                 let ran = sandbox.run_limited(&["sh", "-e", &name], &[], Some(script.timeout));
                 spinner.finish_and_clear();
-                fs_err::remove_file(&script_in_root)?;
+                let full = overlay.as_ref().is_some_and(|o| {
+                    o.upper_free_bytes()
+                        .is_some_and(|free| free < packages_step::FULL_UPPER)
+                });
+                let _ = fs_err::remove_file(&script_in_root);
                 if let Err(error) = ran {
+                    if full && let Some(bytes) = space {
+                        return Err(site
+                            .error(
+                                "appliance::run-out-of-space",
+                                format!(
+                                    "the script filled the {} MiB its changes may take",
+                                    bytes >> 20
+                                ),
+                                script.span,
+                            )
+                            .label("this script")
+                            .help(format!(
+                                "a script's changes are kept in memory, up to half of the memory available (or {} bytes); the store's disk is untouched",
+                                packages_step::OVERLAY_MEMORY_ENV
+                            ))
+                            .into());
+                    }
                     return Err(script_failure(site, script, error));
                 }
             }
             sandbox.finish()?;
             let mut import_staging = store.staging()?;
-            let imported = crate::store::import::import_directory_with(
-                &root,
-                &mut import_staging,
-                crate::store::import::Limits::default(),
-                Some(&known),
-                true,
-            )?;
+            let limits = crate::store::import::Limits::default();
+            let imported = match overlay {
+                Some(overlay) => {
+                    let unmounted = overlay.unmount()?;
+                    crate::store::import::apply_overlay_upper(
+                        tree,
+                        &unmounted.upper(),
+                        &mut import_staging,
+                        limits,
+                        unmounted.on_disk(),
+                    )?
+                }
+                None => crate::store::import::import_directory_with(
+                    &root,
+                    &mut import_staging,
+                    limits,
+                    known.as_ref(),
+                    true,
+                )?,
+            };
             // Dropped before the commit's sync, which would otherwise flush its pages.
             fs_err::remove_dir_all(&root)?;
             Ok(store.commit_tree(
@@ -1201,22 +1406,11 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-pub fn short(digest: &str) -> &str {
-    &digest[..12.min(digest.len())]
-}
-
-/// The appliance step's key: the parent tree, the configuration as written (spans, outputs
-/// and other build-irrelevant nodes left out), and the content digests of what is copied.
-fn appliance_key(
-    appliance: &Appliance,
-    parent: &ImageRecord,
-    copies: &[files::CopyItem],
-    binaries: &[(String, u32, cargo::Artifact)],
-    scripts: &[Script],
-    authorized_keys: &BTreeMap<String, String>,
-) -> String {
+/// The configuration as written, as the appliance step's key sees it: spans, outputs and
+/// the nodes other steps or keys cover left out.
+fn appliance_config(appliance: &Appliance) -> serde_json::Value {
     let mut config = serde_json::to_value(appliance).unwrap_or_default();
-    strip_spans(&mut config);
+    crate::manifest::model::strip_spans(&mut config);
     if let Some(object) = config.as_object_mut() {
         for irrelevant in [
             "description",
@@ -1232,6 +1426,20 @@ fn appliance_key(
             object.remove(irrelevant);
         }
     }
+    config
+}
+
+/// The appliance step's key: the parent tree, the configuration as written (spans, outputs
+/// and other build-irrelevant nodes left out), and the content digests of what is copied.
+fn appliance_key(
+    appliance: &Appliance,
+    parent: &ImageRecord,
+    copies: &[files::CopyItem],
+    binaries: &[(String, u32, cargo::Artifact)],
+    scripts: &[Script],
+    authorized_keys: &BTreeMap<String, String>,
+) -> String {
+    let config = appliance_config(appliance);
     let inputs = json!({
         "version": 1,
         "parent": parent.tree_digest,
@@ -1245,27 +1453,6 @@ fn appliance_key(
     let mut hasher = Sha256::new();
     hasher.update(inputs.to_string());
     hex(&hasher.finalize())
-}
-
-/// `{value, span}` → value; `span` fields dropped: moving a node does not change the build.
-pub(crate) fn strip_spans(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::Object(map) => {
-            if map.len() == 2 && map.contains_key("span") && map.contains_key("value") {
-                if let Some(mut inner) = map.remove("value") {
-                    strip_spans(&mut inner);
-                    *value = inner;
-                }
-                return;
-            }
-            map.remove("span");
-            for inner in map.values_mut() {
-                strip_spans(inner);
-            }
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_spans),
-        _ => {}
-    }
 }
 
 /// Apply files, binaries and configuration to the tree, in the order the design fixes:
@@ -1621,11 +1808,55 @@ pub fn update(report: &CheckReport, store: &Store, reporter: &Reporter) -> anyho
 mod tests {
     use super::*;
 
+    /// Golden values: the appliance step's key is what stored images are found by, so an
+    /// accidental change rebuilds every user's appliances. A deliberate one changes these.
+    #[test]
+    fn the_appliance_key_of_a_known_manifest_is_stable() {
+        let text = "appliance \"web\" {\n    base \"debian/bookworm\"\n    packages \"nginx\"\n    \
+                    copy \"motd\" to=\"/etc/motd\" mode=0o644\n    user \"api\" system=#true\n    \
+                    service \"api.service\" enable=#true\n    hostname \"web\"\n    output \"tar\"\n}\n";
+        let file = SourceFile::new(
+            Path::new("appliance.kdl"),
+            "appliance.kdl".into(),
+            text.into(),
+        );
+        let (appliances, diagnostics) = crate::manifest::parse::parse_manifest(&file);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        let parent = ImageRecord {
+            id: 1,
+            name: "web/packages".into(),
+            version: "1".into(),
+            tree_digest: "ab".repeat(32),
+            legacy_tree_digest: None,
+            parent: None,
+            created_at: 0,
+            provenance: json!({}),
+            entry_count: 0,
+            content_bytes: 0,
+            needs_repair: false,
+        };
+        let copies = [files::CopyItem {
+            destination: "/etc/motd".into(),
+            kind: CopyKind::File {
+                source: PathBuf::from("/ws/motd"),
+                digest: "cd".repeat(32),
+                size: 6,
+            },
+            mode: 0o644,
+            node: 0,
+        }];
+        let key = appliance_key(&appliances[0], &parent, &copies, &[], &[], &BTreeMap::new());
+        assert_eq!(
+            key,
+            "aae221db3597e71acfc088cefa79f0212a0b104f3c86be2bce15bf822680cfa1"
+        );
+    }
+
     #[test]
     fn spans_do_not_reach_the_key() {
         let mut value = json!({"name": {"value": "web", "span": {"offset": 3, "len": 5}},
                                "copies": [{"span": {"offset": 1, "len": 2}, "mode": 420}]});
-        strip_spans(&mut value);
+        crate::manifest::model::strip_spans(&mut value);
         assert_eq!(value, json!({"name": "web", "copies": [{"mode": 420}]}));
     }
 }

@@ -5,12 +5,12 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 use crate::packages::apt::{self, AptCache, AptRequest, Sandbox, UnknownPackage};
 use crate::packages::overlay::{self, Overlay, UpperLayer};
 use crate::store::materialized::MaterializedTree;
+use crate::store::provenance::{PackagesStep, Step};
 use crate::store::tree::{Tree, hex};
 use crate::store::{ImageRecord, NewTree, Store};
 
@@ -63,32 +63,27 @@ fn step_images(images: &[ImageRecord]) -> Vec<StepImage<'_>> {
     images
         .iter()
         .filter(|i| !i.needs_repair)
-        .filter(|i| i.provenance.get("step").and_then(|s| s.as_str()) == Some("packages"))
-        .filter_map(|image| {
-            let p = &image.provenance;
-            let set = |field: &str| -> BTreeSet<String> {
-                p.get(field)
-                    .and_then(|v| v.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|s| s.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            Some(StepImage {
+        .filter_map(|image| match image.step()? {
+            Step::Packages(step) => Some(StepImage {
                 image,
-                key: p.get("key")?.as_str()?.to_owned(),
-                origin: p.get("origin")?.as_str()?.to_owned(),
-                wanted: set("wanted"),
-                removed: set("removed"),
-                recommends: p
-                    .get("recommends")
-                    .and_then(|r| r.as_bool())
-                    .unwrap_or(false),
-            })
+                key: step.key,
+                origin: step.origin,
+                wanted: step.wanted,
+                removed: step.removed,
+                recommends: step.recommends,
+            }),
+            Step::Appliance(_) => None,
         })
         .collect()
+}
+
+/// A step's provenance as the catalog keeps it: the typed record, and who wrote it.
+pub(super) fn step_provenance(step: Step) -> serde_json::Value {
+    let mut value = serde_json::to_value(step).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        object.insert("source".into(), "cargo-appliance build".into());
+    }
+    value
 }
 
 /// Where the package step starts and what it still has to do.
@@ -204,11 +199,21 @@ enum WorkRoot {
 /// available, apt writes to disk.
 const MIN_MEMORY_FOR_UPPER: u64 = 512 << 20;
 
-/// An in-memory upper layer with less than this left was the reason apt failed.
-const FULL_UPPER: u64 = 16 << 20;
+/// An in-memory upper layer with less than this left was the reason apt (or a script)
+/// failed.
+pub(super) const FULL_UPPER: u64 = 16 << 20;
 
 /// Bytes of memory for apt's changes (0: on disk), instead of half the memory available.
 pub const OVERLAY_MEMORY_ENV: &str = "CARGO_APPLIANCE_OVERLAY_MEMORY";
+
+/// Bytes a `run` script's changes may take (in memory), or `None` to write them to disk:
+/// the same budget as apt's changes.
+pub(super) fn script_space() -> Option<u64> {
+    match upper_layer_for_this_machine() {
+        UpperLayer::InMemory(bytes) => Some(bytes),
+        UpperLayer::OnDisk => None,
+    }
+}
 
 fn upper_layer_for_this_machine() -> UpperLayer {
     if let Some(bytes) = std::env::var(OVERLAY_MEMORY_ENV)
@@ -398,18 +403,16 @@ pub fn execute(
                 name: exec.image_name.clone(),
                 version: None,
                 parent: Some(start.id),
-                provenance: json!({
-                    "source": "cargo-appliance build",
-                    "step": "packages",
-                    "key": wish.key(origin),
-                    "origin": origin.tree_digest,
-                    "origin_reference": origin.reference(),
-                    "wanted": wish.wanted,
-                    "removed": wish.removed,
-                    "recommends": wish.recommends,
-                    "installed": install,
-                    "started_from": start.reference(),
-                }),
+                provenance: step_provenance(Step::Packages(PackagesStep {
+                    key: wish.key(origin),
+                    origin: origin.tree_digest.clone(),
+                    origin_reference: Some(origin.reference()),
+                    wanted: wish.wanted.clone(),
+                    removed: wish.removed.clone(),
+                    recommends: wish.recommends,
+                    installed: install.clone(),
+                    started_from: Some(start.reference()),
+                })),
             },
             &imported.tree,
             import_staging,
@@ -487,6 +490,7 @@ fn run_apt(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn image(id: i64, digest: &str, provenance: serde_json::Value) -> ImageRecord {
         ImageRecord {
@@ -494,6 +498,7 @@ mod tests {
             name: format!("img{id}"),
             version: "1".into(),
             tree_digest: digest.into(),
+            legacy_tree_digest: None,
             parent: None,
             created_at: 0,
             provenance,
@@ -519,6 +524,21 @@ mod tests {
             json!({"step": "packages", "key": w.key(origin), "origin": origin.tree_digest,
                    "wanted": names, "removed": [], "recommends": false}),
         )
+    }
+
+    /// Golden value: the package step's key finds stored package images and is pinned in
+    /// `Appliance.lock`; an accidental change reinstalls every appliance's packages.
+    #[test]
+    fn the_package_key_is_stable() {
+        let wish = PackageWish {
+            wanted: ["nginx".to_owned(), "curl".to_owned()].into(),
+            removed: ["vim-tiny".to_owned()].into(),
+            recommends: false,
+        };
+        assert_eq!(
+            wish.key(&image(1, &"ab".repeat(32), json!({}))),
+            "15cc588f98711bd46125fff6fbc5bfa3b01b149d95fdbb4b6f322a66a6878a6a"
+        );
     }
 
     #[test]

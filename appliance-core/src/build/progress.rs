@@ -30,6 +30,11 @@ impl Reporter {
         }
     }
 
+    /// Whether `-v` notes are shown.
+    pub fn is_verbose(&self) -> bool {
+        self.verbose && !self.quiet
+    }
+
     /// `   Compiling what`, right-aligned verb as Cargo prints it.
     pub fn status(&self, verb: &str, what: &str) {
         if !self.quiet {

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::check::{CheckOptions, CheckSummary, check};
 use crate::diagnostics::{Diagnostic, Summary};
-use crate::history::suggest::SuggestOptions;
+use crate::suggest::SuggestOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -185,7 +185,7 @@ pub struct SuggestArgs {
     #[arg(long, default_value_t = 0.0)]
     pub min_confidence: f64,
     /// Hide suggestions fewer images than this made
-    #[arg(long, default_value_t = crate::history::suggest::DEFAULT_MIN_IMAGES)]
+    #[arg(long, default_value_t = crate::suggest::DEFAULT_MIN_IMAGES)]
     pub min_images: i64,
     /// Apply this suggestion to the manifest in place (KEY as its help line shows it, e.g.
     /// `package-added:ca-certificates`); repeatable
@@ -323,6 +323,10 @@ pub struct BuildArgs {
     /// (e.g. `registry.example:5000/team/{appliance}:ci-{version}`)
     #[arg(long, value_name = "REF", conflicts_with = "offline")]
     pub push: Option<String>,
+    /// Print what the build would do, step by step, with each step's key and why it runs
+    /// or is reused; do nothing (no pull, apt, cargo or output; the lock is left alone)
+    #[arg(long, conflicts_with = "push")]
+    pub plan: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -514,7 +518,7 @@ fn suggestions_for(
         .target_dir
         .join("appliance/.suggestions.json");
     match crate::store::Store::open(&dir)
-        .and_then(|store| crate::history::suggest::suggest_cached(&store, report, options, &cache))
+        .and_then(|store| crate::suggest::suggest_cached(&store, report, options, &cache))
     {
         Ok(diagnostics) => diagnostics,
         Err(error) => {
@@ -586,7 +590,7 @@ fn run_suggest(global: &GlobalArgs, args: &SuggestArgs) -> ExitCode {
             }
         };
     }
-    match crate::history::suggest::suggest(&store, &report, &suggest_options) {
+    match crate::suggest::suggest(&store, &report, &suggest_options) {
         Ok(diagnostics) if !args.apply.is_empty() => {
             match apply_suggestions(global, &diagnostics, &args.apply) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -625,7 +629,7 @@ fn explain_suggestion(
     key: &str,
 ) -> anyhow::Result<ExitCode> {
     use printer::{outln, print_json};
-    let explanations = crate::history::suggest::explain_key(store, report, options, key, 10)?;
+    let explanations = crate::suggest::explain_key(store, report, options, key, 10)?;
     if explanations.is_empty() {
         anyhow::bail!(
             "`{key}` is not among the suggestions (`cargo appliance suggest` lists them)"
@@ -657,10 +661,10 @@ fn apply_suggestions(
     diagnostics: &[Diagnostic],
     keys: &[String],
 ) -> anyhow::Result<()> {
-    let by_file = crate::history::apply::select(diagnostics, keys)?;
+    let by_file = crate::suggest::apply::select(diagnostics, keys)?;
     for (path, edits) in &by_file {
         let text = fs_err::read_to_string(path)?;
-        let edited = crate::history::apply::apply_edits(&text, edits)
+        let edited = crate::suggest::apply::apply_edits(&text, edits)
             .with_context(|| format!("editing {}", path.display()))?;
         let display = edits
             .first()
@@ -777,6 +781,38 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
         offline: args.offline,
         registry,
     };
+    if args.plan {
+        return match crate::build::plan(&report, &store, &build_options, &reporter) {
+            Ok(plan) => {
+                let printed = match global.message_format {
+                    MessageFormat::Json => printer::print_json(&serde_json::json!({
+                        "reason": "build-plan",
+                        "appliances": plan.appliances,
+                    })),
+                    MessageFormat::Human => {
+                        printer::write_stdout(format_args!("{}", crate::build::plan::render(&plan)))
+                            .map_err(anyhow::Error::from)
+                    }
+                };
+                match printed {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) if printer::is_closed_pipe(&error) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        report_error(global, &error);
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(crate::build::BuildError::Diagnostics(diagnostics)) => {
+                emit(global, &diagnostics);
+                ExitCode::FAILURE
+            }
+            Err(crate::build::BuildError::Other(error)) => {
+                report_error(global, &error);
+                ExitCode::FAILURE
+            }
+        };
+    }
     match crate::build::build(&report, &store, &build_options, &reporter) {
         Ok(built) => {
             let suggestions = suggestions_for(
@@ -809,7 +845,7 @@ fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
                             "{} → {} [{}]{}",
                             done.appliance,
                             done.image.reference(),
-                            crate::build::short(&done.image.tree_digest),
+                            crate::store::short(&done.image.tree_digest),
                             done.outputs
                                 .iter()
                                 .map(|p| format!(", {}", report.workspace.display_path(p)))

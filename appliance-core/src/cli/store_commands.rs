@@ -445,8 +445,8 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 None => history::load(store.read_catalog()?.connection())?,
             };
             let children: Vec<String> = derivations.iter().map(|(_, d)| d.child.clone()).collect();
-            let index = history::engine::Index::build(&derivations);
-            let evaluation = history::engine::evaluate(&index, &children);
+            let index = crate::suggest::engine::Index::build(&derivations);
+            let evaluation = crate::suggest::engine::evaluate(&index, &children);
             if json {
                 print_json(&evaluation)?;
             } else {
@@ -565,14 +565,14 @@ fn export_disk(
 
 /// Intended changes grouped by kind, then the consequences (dependencies, package scripts)
 /// the same way under their own heading.
-fn print_diff(entries: &[crate::diff::DiffEntry]) -> std::io::Result<()> {
+fn print_diff(entries: &[crate::store::diff::DiffEntry]) -> std::io::Result<()> {
     if entries.is_empty() {
         outln!("no changes")?;
         return Ok(());
     }
     let (intended, consequences): (Vec<_>, Vec<_>) =
         entries.iter().partition(|entry| entry.is_intended());
-    let print_group = |group: &[&crate::diff::DiffEntry], indent: &str| {
+    let print_group = |group: &[&crate::store::diff::DiffEntry], indent: &str| {
         let mut kind = "";
         for entry in group {
             if entry.kind != kind {
@@ -580,7 +580,7 @@ fn print_diff(entries: &[crate::diff::DiffEntry]) -> std::io::Result<()> {
                 outln!("{indent}{kind}:")?;
             }
             let mut detail: Vec<&str> = entry.detail.iter().map(String::as_str).collect();
-            detail.extend(entry.cause.map(crate::diff::Cause::describe));
+            detail.extend(entry.cause.map(crate::store::diff::Cause::describe));
             if detail.is_empty() {
                 outln!("{indent}  {}", entry.subject)?;
             } else {
@@ -671,7 +671,7 @@ fn pull(global: &GlobalArgs, store: &Store, args: &crate::cli::PullArgs) -> anyh
         &format!(
             "{} [{}]{derived}{}",
             pulled.image,
-            crate::build::short(&pulled.tree_digest),
+            crate::store::short(&pulled.tree_digest),
             if pulled.already_stored {
                 " (already stored; nothing fetched)"
             } else {

@@ -422,7 +422,7 @@ fn check_registry_prefix(value: &str) -> Result<(), String> {
                 .into(),
         );
     }
-    crate::registry::reference::Reference::parse(&format!("{value}/name"))
+    crate::image_reference::Reference::parse(&format!("{value}/name"))
         .map(|_| ())
         .map_err(|e| e.replace("`/name`", ""))
 }

@@ -228,3 +228,24 @@ pub struct Symlink {
     pub path: String,
     pub target: String,
 }
+
+/// `{value, span}` → value; `span` fields dropped: moving a node does not change the build.
+pub fn strip_spans(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.len() == 2 && map.contains_key("span") && map.contains_key("value") {
+                if let Some(mut inner) = map.remove("value") {
+                    strip_spans(&mut inner);
+                    *value = inner;
+                }
+                return;
+            }
+            map.remove("span");
+            for inner in map.values_mut() {
+                strip_spans(inner);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_spans),
+        _ => {}
+    }
+}

@@ -246,11 +246,69 @@ pub fn reference_markdown() -> String {
             if format.disk { "yes" } else { "no" }
         );
     }
+    change_kinds_markdown(&mut out);
+    diagnostic_codes_markdown(&mut out);
     out.push_str("\n## Value grammars\n\n");
     for grammar in GRAMMARS {
         let _ = writeln!(out, "#### {}\n\n{}.\n", grammar.name, grammar.description);
     }
     out
+}
+
+/// The diagnostic-code table ([`crate::diagnostics::codes::CODES`]), by stage.
+fn diagnostic_codes_markdown(out: &mut String) {
+    use crate::diagnostics::codes::CODES;
+    out.push_str(
+        "\n## Diagnostic codes\n\nEvery diagnostic carries a code (`code` in \
+         `--message-format json`).\n",
+    );
+    let mut stage = None;
+    for code in CODES {
+        if stage != Some(code.stage) {
+            stage = Some(code.stage);
+            let _ = write!(
+                out,
+                "\n### {}\n\n| code | meaning |\n|---|---|\n",
+                code.stage.title()
+            );
+        }
+        let _ = writeln!(out, "| `{}` | {} |", code.code, code.meaning);
+    }
+}
+
+/// The change-kind table ([`crate::change::CHANGE_KINDS`]): what `diff` shows, the history
+/// records and suggestion keys (`suggest --apply KIND:SUBJECT`) name.
+fn change_kinds_markdown(out: &mut String) {
+    use crate::change::{CHANGE_KINDS, Learnt, PLUMBING_DIRS, PLUMBING_PATHS, PLUMBING_UNITS};
+    out.push_str(
+        "\n## Change kinds\n\n`cargo appliance diff` reports changes between two images by \
+         kind; the derivation history records them, and a suggestion's key is \
+         `KIND:SUBJECT` (`package-added:ca-certificates`).\n\n\
+         | kind | meaning | learnt and suggested |\n|---|---|---|\n",
+    );
+    for kind in CHANGE_KINDS {
+        let learnt = match kind.learnt {
+            Learnt::Always => "yes",
+            Learnt::UnlessPlumbing => "yes, except the build's own plumbing (below)",
+            Learnt::Never => "no",
+        };
+        let _ = writeln!(out, "| `{}` | {} | {learnt} |", kind.name, kind.description);
+    }
+    let list = |items: &[&str]| -> String {
+        items
+            .iter()
+            .map(|i| format!("`{i}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = write!(
+        out,
+        "\nThe build's own plumbing, never learnt or suggested: the files {}; everything \
+         under {}; the units {}.\n",
+        list(PLUMBING_PATHS),
+        list(PLUMBING_DIRS),
+        list(PLUMBING_UNITS)
+    );
 }
 
 #[cfg(test)]

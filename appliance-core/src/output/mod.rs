@@ -77,7 +77,7 @@ impl Request<'_> {
             hasher.update(format!("{}\n", image.tree_digest));
         }
         let mut node = serde_json::to_value(self.output)?;
-        crate::build::strip_spans(&mut node);
+        crate::manifest::model::strip_spans(&mut node);
         hasher.update(node.to_string());
         hasher.update(self.kernel_cmdline.join(" "));
         Ok(hex(&hasher.finalize()))
@@ -95,11 +95,10 @@ pub struct Outcome {
     pub note: Option<String>,
 }
 
-/// Write (or reuse) one output.
-pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<Outcome> {
-    fs_err::create_dir_all(request.dir)?;
+/// The files an output consists of, and the label of its stamp.
+fn files_of(format: Format, request: &Request<'_>) -> (Vec<PathBuf>, &'static str) {
     let name = request.base_name();
-    let (files, label) = match format {
+    match format {
         Format::Tar => (vec![request.dir.join(format!("{name}.tar.zst"))], "tar"),
         Format::Oci => (
             vec![
@@ -110,8 +109,48 @@ pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<Outcome> {
         ),
         Format::Raw => (vec![disk::disk_path(request.dir, &name, "raw")], "raw"),
         Format::Qcow2 => (vec![disk::disk_path(request.dir, &name, "qcow2")], "qcow2"),
-    };
-    let stamp_path = request.dir.join(format!(".{name}.{label}.stamp"));
+    }
+}
+
+fn stamp_path(request: &Request<'_>, label: &str) -> PathBuf {
+    request
+        .dir
+        .join(format!(".{}.{label}.stamp", request.base_name()))
+}
+
+/// Whether an output on disk is what writing it now would make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Written from this image chain with these options: a build keeps it.
+    Current,
+    /// Not there (or not all of it).
+    Missing,
+    /// There, but from another image or with other options.
+    Stale,
+}
+
+/// [`Freshness`] of one output, without writing anything.
+pub fn freshness(format: Format, request: &Request<'_>) -> anyhow::Result<Freshness> {
+    let (files, label) = files_of(format, request);
+    if !files.iter().all(|f| f.exists()) {
+        return Ok(Freshness::Missing);
+    }
+    let stamp = request.stamp(label)?;
+    Ok(
+        if std::fs::read_to_string(stamp_path(request, label)).is_ok_and(|s| s == stamp) {
+            Freshness::Current
+        } else {
+            Freshness::Stale
+        },
+    )
+}
+
+/// Write (or reuse) one output.
+pub fn write(format: Format, request: &Request<'_>) -> anyhow::Result<Outcome> {
+    fs_err::create_dir_all(request.dir)?;
+    let name = request.base_name();
+    let (files, label) = files_of(format, request);
+    let stamp_path = stamp_path(request, label);
     let stamp = request.stamp(label)?;
     if files.iter().all(|f| f.exists())
         && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)

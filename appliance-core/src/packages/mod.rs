@@ -5,5 +5,4 @@
 pub mod apt;
 pub mod debian;
 pub mod debian_version;
-pub mod dpkg;
 pub mod overlay;

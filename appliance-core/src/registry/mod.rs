@@ -10,14 +10,13 @@
 //! (as the `oci` output writes), so images on one base share its layer in the registry.
 
 pub mod history;
-pub mod reference;
 mod skopeo;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, bail};
 
-pub use reference::Reference;
+pub use crate::image_reference::Reference;
 pub use skopeo::Access;
 
 use crate::output::oci::{self, OciConfig};
@@ -85,7 +84,7 @@ pub fn push(
     }
     let mut destination = destination.clone();
     if destination.tag.is_none() {
-        reference::check_tag(&image.version).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::image_reference::check_tag(&image.version).map_err(|e| anyhow::anyhow!("{e}"))?;
         destination.tag = Some(image.version.clone());
     }
     targets.push((chain.len() - 1, destination));
@@ -288,7 +287,7 @@ fn pull_one(
     if let Some(tree) = &claimed_tree
         && let Some(existing) = images
             .iter()
-            .find(|i| &i.tree_digest == tree && i.name == image_name)
+            .find(|i| i.has_tree(tree) && i.name == image_name)
     {
         return Ok(Pulled {
             image: existing.reference(),
@@ -307,16 +306,13 @@ fn pull_one(
         bail!(
             "{source}: the store already has {} with other content (tree {}); pull it under another name or version with `--name NAME@VERSION`",
             taken.reference(),
-            crate::build::short(&taken.tree_digest)
+            crate::store::short(&taken.tree_digest)
         );
     }
     // The parent: found by tree digest, else pulled from its annotated manifest.
     let mut parent: Option<ImageRecord> = None;
     if let Some(parent_tree) = annotations.get(PARENT_TREE_DIGEST) {
-        parent = images
-            .iter()
-            .find(|i| &i.tree_digest == parent_tree)
-            .cloned();
+        parent = images.iter().find(|i| i.has_tree(parent_tree)).cloned();
         if parent.is_none()
             && let Some(parent_manifest) = annotations.get(PARENT_MANIFEST)
         {
@@ -330,10 +326,7 @@ fn pull_one(
             let pulled = pull_one(store, &parent_source, None, access, progress, parents, seen)?;
             parents.push(pulled.image.clone());
             let images = store.list()?;
-            parent = images
-                .iter()
-                .find(|i| &i.tree_digest == parent_tree)
-                .cloned();
+            parent = images.iter().find(|i| i.has_tree(parent_tree)).cloned();
             anyhow::ensure!(
                 parent.is_some(),
                 "{source}: its parent {parent_source} holds another tree than the annotation says"
@@ -374,8 +367,9 @@ fn pull_one(
     .with_context(|| format!("importing {source}"))?;
     let tree_digest = imported.tree.digest();
     if let Some(claimed) = &claimed_tree {
+        // An image pushed before tree digest format 2 is annotated with the first format.
         anyhow::ensure!(
-            &tree_digest == claimed,
+            &tree_digest == claimed || &imported.tree.legacy_digest() == claimed,
             "{source}: its layers make tree {tree_digest}, but its annotation says {claimed}; refusing it"
         );
     }
@@ -423,10 +417,9 @@ fn parent_reference(images: &[ImageRecord], image: &ImageRecord) -> Option<Strin
 
 /// `HOST/REPOSITORY@sha256:…` of the manifest a stored image was pulled from.
 pub fn pulled_from(image: &ImageRecord) -> Option<String> {
-    let pulled = image.provenance.get("pulled")?;
-    let from = Reference::parse(pulled.get("from")?.as_str()?).ok()?;
-    let manifest = pulled.get("manifest")?.as_str()?;
-    Some(from.at_digest(manifest).to_string())
+    let pulled = crate::store::provenance::common(&image.provenance).pulled?;
+    let from = Reference::parse(&pulled.from).ok()?;
+    Some(from.at_digest(&pulled.manifest).to_string())
 }
 
 /// The tags of `repository` (its tag, if any, ignored).

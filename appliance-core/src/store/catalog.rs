@@ -12,11 +12,11 @@ use duckdb::{AccessMode, Config, Connection, params};
 use serde::Serialize;
 
 use super::tree::{Entry, EntryKind, Tree, hex, unhex};
-use crate::packages::dpkg::InstalledPackage;
+use crate::dpkg::InstalledPackage;
 
 /// Bump when the tables change; `open` upgrades older catalogs it knows how to (opening for
 /// writing) and refuses the rest.
-pub const SCHEMA_VERSION: &str = "2";
+pub const SCHEMA_VERSION: &str = "3";
 
 const SCHEMA: &str = "
 CREATE SEQUENCE IF NOT EXISTS image_ids START 1;
@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS images (
     name VARCHAR NOT NULL,
     version VARCHAR NOT NULL,
     tree_digest VARCHAR NOT NULL,
+    legacy_tree_digest VARCHAR,
     parent BIGINT,
     created_at BIGINT NOT NULL,
     provenance VARCHAR NOT NULL,
@@ -64,6 +65,10 @@ pub struct ImageRecord {
     pub name: String,
     pub version: String,
     pub tree_digest: String,
+    /// The tree's digest in the first format ([`Tree::legacy_digest`]), which locks,
+    /// registry annotations and catalogs written before format 2 carry.
+    #[serde(default)]
+    pub legacy_tree_digest: Option<String>,
     pub parent: Option<i64>,
     pub created_at: i64,
     pub provenance: serde_json::Value,
@@ -75,6 +80,16 @@ pub struct ImageRecord {
 impl ImageRecord {
     pub fn reference(&self) -> String {
         format!("{}@{}", self.name, self.version)
+    }
+
+    /// The build step that made this image, if one did.
+    pub fn step(&self) -> Option<super::provenance::Step> {
+        super::provenance::step(&self.provenance)
+    }
+
+    /// Whether `digest` names this image's tree, in the current format or the first.
+    pub fn has_tree(&self, digest: &str) -> bool {
+        self.tree_digest == digest || self.legacy_tree_digest.as_deref() == Some(digest)
     }
 }
 
@@ -138,7 +153,7 @@ impl Catalog {
             )
             .ok();
         match existing.as_deref() {
-            None | Some(SCHEMA_VERSION) | Some("1") => {}
+            None | Some(SCHEMA_VERSION) | Some("1") | Some("2") => {}
             // A newer cargo-appliance's catalog: leave it untouched (`open` says why).
             Some(_) => return Ok(()),
         }
@@ -151,19 +166,51 @@ impl Catalog {
                      {}
                      UPDATE meta SET value = '2' WHERE key = 'schema_version';
                      COMMIT;",
-                    crate::history::MIGRATE_FROM_SCHEMA_1
+                    super::derivations::MIGRATE_FROM_SCHEMA_1
                 ))
                 .context("upgrading the catalog from schema version 1")?;
+        }
+        if matches!(existing.as_deref(), Some("1") | Some("2")) {
+            self.upgrade_tree_digests()
+                .context("upgrading the catalog from schema version 2 (tree digest format 2)")?;
         }
         self.conn
             .execute_batch(SCHEMA)
             .context("creating the catalog tables")?;
         self.conn
-            .execute_batch(crate::history::SCHEMA)
+            .execute_batch(super::derivations::SCHEMA)
             .context("creating the history tables")?;
         self.conn.execute(
             "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
             params![SCHEMA_VERSION],
+        )?;
+        Ok(())
+    }
+
+    /// Schema 3: tree digests in format 2 ([`Tree::digest`]), recomputed from the stored
+    /// entries; the old digest stays as `legacy_tree_digest`, so locks and annotations that
+    /// name it still match. One transaction: a killed upgrade leaves schema 2 to upgrade again.
+    fn upgrade_tree_digests(&self) -> anyhow::Result<()> {
+        self.conn.execute_batch(
+            "BEGIN TRANSACTION;
+             ALTER TABLE images ADD COLUMN IF NOT EXISTS legacy_tree_digest VARCHAR;",
+        )?;
+        let ids: Vec<i64> = {
+            let mut statement = self.conn.prepare("SELECT id FROM images ORDER BY id")?;
+            statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for id in ids {
+            let tree = self.tree(id)?;
+            self.conn.execute(
+                "UPDATE images SET legacy_tree_digest = tree_digest, tree_digest = ? WHERE id = ?",
+                params![tree.digest(), id],
+            )?;
+        }
+        self.conn.execute_batch(
+            "UPDATE meta SET value = '3' WHERE key = 'schema_version';
+             COMMIT;",
         )?;
         Ok(())
     }
@@ -178,7 +225,7 @@ impl Catalog {
 
     pub fn images(&self) -> anyhow::Result<Vec<ImageRecord>> {
         let mut statement = self.conn.prepare(
-            "SELECT id, name, version, tree_digest, parent, created_at, provenance, entry_count, content_bytes, needs_repair
+            "SELECT id, name, version, tree_digest, parent, created_at, provenance, entry_count, content_bytes, needs_repair, legacy_tree_digest
              FROM images ORDER BY name, id",
         )?;
         let rows = statement.query_map([], |row| {
@@ -194,6 +241,7 @@ impl Catalog {
                 entry_count: row.get(7)?,
                 content_bytes: row.get(8)?,
                 needs_repair: row.get(9)?,
+                legacy_tree_digest: row.get(10)?,
             })
         })?;
         rows.collect::<Result<Vec<_>, _>>()
@@ -276,6 +324,7 @@ impl Catalog {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let tree_digest = tree.digest();
+        let legacy_tree_digest = tree.legacy_digest();
         let content_bytes: u64 = tree
             .entries()
             .values()
@@ -286,13 +335,14 @@ impl Catalog {
         let tx = self.conn.transaction()?;
         let id: i64 = tx.query_row("SELECT nextval('image_ids')", [], |row| row.get(0))?;
         tx.execute(
-            "INSERT INTO images (id, name, version, tree_digest, parent, created_at, provenance, entry_count, content_bytes)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO images (id, name, version, tree_digest, legacy_tree_digest, parent, created_at, provenance, entry_count, content_bytes)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             params![
                 id,
                 new.name,
                 new.version,
                 tree_digest,
+                legacy_tree_digest,
                 new.parent,
                 created_at,
                 provenance,
@@ -350,6 +400,7 @@ impl Catalog {
             name: new.name.clone(),
             version: new.version.clone(),
             tree_digest,
+            legacy_tree_digest: Some(legacy_tree_digest),
             parent: new.parent,
             created_at,
             provenance: new.provenance.clone(),
@@ -505,6 +556,51 @@ mod tests {
                 change("package-added", "nginx"),
                 change("package-added", "varnish")
             ]
+        );
+    }
+
+    #[test]
+    fn a_schema_2_catalog_gets_format_2_tree_digests_and_keeps_the_old_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.duckdb");
+        let mut entry = Entry::dir(0o644);
+        entry.xattrs.insert("user.a;b".into(), vec![7]);
+        let mut tree = Tree::new();
+        tree.insert("etc", entry).expect("entry");
+        {
+            let mut catalog = Catalog::open(&path, false).expect("create");
+            let new = NewImage {
+                name: "base".into(),
+                version: "1".into(),
+                parent: None,
+                provenance: serde_json::json!({}),
+            };
+            catalog.insert_image(&new, &tree, &[]).expect("insert");
+            // What schema 2 stored: the first format's digest, no legacy column.
+            catalog
+                .connection()
+                .execute_batch(
+                    "UPDATE images SET tree_digest = legacy_tree_digest;
+                     ALTER TABLE images DROP COLUMN legacy_tree_digest;
+                     UPDATE meta SET value = '2' WHERE key = 'schema_version';",
+                )
+                .expect("make it schema 2");
+        }
+        let refused = Catalog::open(&path, true).expect_err("read-only open of schema 2");
+        assert!(
+            format!("{refused:#}").contains("schema version 2"),
+            "{refused:#}"
+        );
+        let catalog = Catalog::open(&path, false).expect("upgrade");
+        let images = catalog.images().expect("images");
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0].tree_digest, tree.digest());
+        assert_eq!(images[0].legacy_tree_digest, Some(tree.legacy_digest()));
+        assert_ne!(tree.digest(), tree.legacy_digest());
+        assert!(images[0].has_tree(&tree.legacy_digest()));
+        assert_eq!(
+            catalog.tree(images[0].id).expect("tree").digest(),
+            tree.digest()
         );
     }
 

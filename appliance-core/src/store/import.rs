@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 use super::objects::Staging;
 use super::tar_reader::{TarKind, TarReader};
 use super::tree::{Entry, EntryKind, Tree, hex, normalize_path};
-use crate::packages::dpkg::STATUS_PATH;
+use crate::dpkg::STATUS_PATH;
 
 /// More entries than this in one image is an attack, not a root filesystem (a full Debian
 /// desktop has about 300,000).

@@ -22,10 +22,13 @@
 //! lock errors: readers share the lock, writers wait for each other.
 
 pub mod catalog;
+pub mod derivations;
+pub mod diff;
 pub mod export;
 pub mod import;
 pub mod materialized;
 pub mod objects;
+pub mod provenance;
 pub mod tar_reader;
 pub mod tree;
 
@@ -41,8 +44,8 @@ pub use catalog::{ImageRecord, NewImage};
 use objects::{Objects, Staging};
 use tree::Tree;
 
+use crate::dpkg::{InstalledPackage, parse_status};
 use crate::manifest::version::Version;
-use crate::packages::dpkg::{InstalledPackage, parse_status};
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -404,7 +407,7 @@ impl Store {
             Some(status) => Some(status),
             None => {
                 status_from_objects = tree
-                    .get(crate::packages::dpkg::STATUS_PATH)
+                    .get(crate::dpkg::STATUS_PATH)
                     .and_then(|entry| entry.digest.as_deref())
                     .map(|digest| self.objects().read(digest))
                     .transpose()?;
@@ -461,14 +464,14 @@ impl Store {
     }
 
     /// Typed changes from one stored image to another, with the consequences of package
-    /// steps on the way marked (see [`crate::diff::attribute`]).
+    /// steps on the way marked (see [`crate::store::diff::attribute`]).
     pub fn diff_images(
         &self,
         trees: &mut TreeCache<'_>,
         images: &[ImageRecord],
         parent: &ImageRecord,
         child: &ImageRecord,
-    ) -> anyhow::Result<Vec<crate::diff::DiffEntry>> {
+    ) -> anyhow::Result<Vec<crate::store::diff::DiffEntry>> {
         let mut entries = self.plain_diff(trees, parent, child)?;
         // Package steps from the child up to where its lineage meets the parent's.
         let mut parent_line = BTreeSet::new();
@@ -486,7 +489,7 @@ impl Store {
                 .parent
                 .and_then(|id| images.iter().find(|i| i.id == id));
             if let Some(step_parent) = step_parent
-                && image.provenance.get("step").and_then(|s| s.as_str()) == Some("packages")
+                && matches!(image.step(), Some(provenance::Step::Packages(_)))
             {
                 let changes = self.plain_diff(trees, step_parent, image)?;
                 steps.push((image.id, changes));
@@ -495,14 +498,14 @@ impl Store {
         }
         if !steps.is_empty() {
             trees.get(child.id)?;
-            let steps: Vec<crate::diff::PackageStep<'_>> = steps
+            let steps: Vec<crate::store::diff::PackageStep<'_>> = steps
                 .into_iter()
-                .map(|(id, changes)| crate::diff::PackageStep {
+                .map(|(id, changes)| crate::store::diff::PackageStep {
                     changes,
                     tree: trees.loaded(id),
                 })
                 .collect();
-            crate::diff::attribute(&mut entries, trees.loaded(child.id), &steps);
+            crate::store::diff::attribute(&mut entries, trees.loaded(child.id), &steps);
         }
         Ok(entries)
     }
@@ -512,7 +515,7 @@ impl Store {
         trees: &mut TreeCache<'_>,
         parent: &ImageRecord,
         child: &ImageRecord,
-    ) -> anyhow::Result<Vec<crate::diff::DiffEntry>> {
+    ) -> anyhow::Result<Vec<crate::store::diff::DiffEntry>> {
         let objects = self.objects();
         let read = |digest: &str| objects.read(digest);
         let (parent_packages, child_packages) = (
@@ -522,13 +525,13 @@ impl Store {
         trees.get(parent.id)?;
         trees.get(child.id)?;
         let (parent_tree, child_tree) = (trees.loaded(parent.id), trees.loaded(child.id));
-        crate::diff::diff(
-            &crate::diff::Side {
+        crate::store::diff::diff(
+            &crate::store::diff::Side {
                 tree: parent_tree,
                 packages: &parent_packages,
                 read: &read,
             },
-            &crate::diff::Side {
+            &crate::store::diff::Side {
                 tree: child_tree,
                 packages: &child_packages,
                 read: &read,
@@ -536,7 +539,7 @@ impl Store {
         )
     }
 
-    pub fn diff(&self, a: &str, b: &str) -> anyhow::Result<Vec<crate::diff::DiffEntry>> {
+    pub fn diff(&self, a: &str, b: &str) -> anyhow::Result<Vec<crate::store::diff::DiffEntry>> {
         let catalog = self.read_catalog()?;
         let (a, b) = (self.resolve(&catalog, a)?, self.resolve(&catalog, b)?);
         let images = catalog.images()?;
@@ -569,20 +572,20 @@ impl Store {
                     break;
                 }
                 let changes = self.diff_images(&mut trees, images, parent, child)?;
-                derivations.push(crate::history::Derivation {
+                derivations.push(derivations::Derivation {
                     parent: parent.name.clone(),
                     child: child.reference(),
                     changes: changes
                         .iter()
                         .filter(|c| c.is_intended())
-                        .map(crate::diff::DiffEntry::change)
-                        .filter(crate::history::is_choice)
+                        .map(crate::store::diff::DiffEntry::change)
+                        .filter(crate::change::is_choice)
                         .collect(),
                 });
                 ancestor = parent.parent;
             }
         }
-        crate::history::insert_for_images(
+        derivations::insert_for_images(
             catalog.connection_mut(),
             derivations.iter().map(|d| (d, Some(child.id))),
             "store",
@@ -593,7 +596,7 @@ impl Store {
     /// catalog; imported history is kept.
     pub fn rebuild_history(&self) -> anyhow::Result<usize> {
         let mut catalog = self.write_catalog()?;
-        crate::history::remove(catalog.connection_mut(), "origin = 'store'", &[])?;
+        derivations::remove(catalog.connection_mut(), "origin = 'store'", &[])?;
         let images = catalog.images()?;
         let mut count = 0;
         for child in &images {
@@ -717,7 +720,7 @@ impl Store {
         catalog.remove_images(&doomed)?;
         // Their derivations describe images that no longer exist.
         let ids: Vec<String> = doomed.iter().map(i64::to_string).collect();
-        crate::history::remove(
+        derivations::remove(
             catalog.connection_mut(),
             &format!("image IN ({})", ids.join(", ")),
             &[],
@@ -860,4 +863,8 @@ pub fn lineage(images: &[ImageRecord]) -> BTreeMap<Option<i64>, Vec<&ImageRecord
         children.entry(parent).or_default().push(image);
     }
     children
+}
+/// The first twelve hex digits of a digest, as images and diagnostics show it.
+pub fn short(digest: &str) -> &str {
+    &digest[..12.min(digest.len())]
 }

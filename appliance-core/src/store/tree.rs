@@ -469,10 +469,29 @@ impl Tree {
 
     /// A deterministic digest of every entry's path and metadata: equal trees have equal
     /// digests whatever order they were built in. Changing the encoding is a format break
-    /// (stored digests would no longer match), so it is versioned by its first line.
+    /// (stored digests would no longer match), so it is versioned by its first line, and the
+    /// catalog migrates stored digests when it changes ([`TREE_DIGEST_FORMAT`]).
+    ///
+    /// Every variable-length field is either NUL-terminated (paths, link targets: they
+    /// cannot hold NUL) or length-prefixed (xattr names and values), so no two different
+    /// trees encode alike.
     pub fn digest(&self) -> String {
+        self.digest_as(DigestFormat::V2)
+    }
+
+    /// The digest in the first format (xattrs as `name=hex;`, which let a name holding `;`
+    /// make two trees hash alike). Kept so that locks, registry annotations and catalogs
+    /// written by earlier versions still match ([`super::ImageRecord::has_tree`]).
+    pub fn legacy_digest(&self) -> String {
+        self.digest_as(DigestFormat::V1)
+    }
+
+    fn digest_as(&self, format: DigestFormat) -> String {
         let mut hasher = Sha256::new();
-        hasher.update(b"cargo-appliance tree v1\n");
+        hasher.update(match format {
+            DigestFormat::V1 => &b"cargo-appliance tree v1\n"[..],
+            DigestFormat::V2 => &b"cargo-appliance tree v2\n"[..],
+        });
         let mut line = String::new();
         for (path, entry) in &self.entries {
             line.clear();
@@ -493,13 +512,27 @@ impl Tree {
             }
             line.push('\0');
             for (key, value) in &entry.xattrs {
-                let _ = write!(line, "{key}={};", hex(value));
+                let _ = match format {
+                    DigestFormat::V1 => write!(line, "{key}={};", hex(value)),
+                    DigestFormat::V2 => {
+                        write!(line, "{}:{key}{}:{};", key.len(), value.len(), hex(value))
+                    }
+                };
             }
             let _ = writeln!(line, "\0{}", entry.mtime);
             hasher.update(line.as_bytes());
         }
         hex(&hasher.finalize())
     }
+}
+
+/// The tree digest's current format, as recorded in the catalog's `meta` table.
+pub const TREE_DIGEST_FORMAT: &str = "2";
+
+#[derive(Debug, Clone, Copy)]
+enum DigestFormat {
+    V1,
+    V2,
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -647,6 +680,59 @@ mod tests {
         assert_eq!(a.digest(), b.digest());
         b.insert("a", file("3")).expect("ok");
         assert_ne!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn xattr_names_holding_separators_do_not_make_trees_hash_alike() {
+        // Regression: the first format wrote `name=hex;`, so one xattr named `a=00;b` with
+        // value 0x11 encoded exactly as two xattrs `a`=0x00 and `b`=0x11.
+        let with = |xattrs: &[(&str, &[u8])]| {
+            let mut entry = file("1");
+            for (name, value) in xattrs {
+                entry.xattrs.insert((*name).to_owned(), value.to_vec());
+            }
+            let mut tree = Tree::new();
+            tree.insert("f", entry).expect("ok");
+            tree
+        };
+        let one = with(&[("a=00;b", &[0x11])]);
+        let two = with(&[("a", &[0x00]), ("b", &[0x11])]);
+        assert_eq!(
+            one.legacy_digest(),
+            two.legacy_digest(),
+            "the old collision"
+        );
+        assert_ne!(one.digest(), two.digest());
+    }
+
+    /// Golden values: a change of either encoding changes every stored digest, lock and
+    /// annotation, so it must be a deliberate new format (and a catalog migration), never an
+    /// accident of a refactoring.
+    #[test]
+    fn digests_of_a_known_tree_are_stable() {
+        let mut tree = Tree::new();
+        tree.insert("etc", Entry::dir(0o755)).expect("ok");
+        let mut conf = file("ab".repeat(32).as_str());
+        conf.mtime = 1_700_000_000;
+        conf.uid = 33;
+        conf.xattrs
+            .insert("security.capability".into(), vec![1, 0, 0, 2]);
+        tree.insert("etc/app.conf", conf).expect("ok");
+        tree.insert("etc/link", symlink("app.conf")).expect("ok");
+        tree.insert("etc/hard", hardlink("etc/app.conf"))
+            .expect("ok");
+        let mut device = Entry::dir(0o600);
+        device.kind = EntryKind::CharDevice;
+        device.device = Some((1, 3));
+        tree.insert("dev-null", device).expect("ok");
+        assert_eq!(
+            tree.digest(),
+            "d3720a110a4cac46cd296e154ff673688d6706d3f96291c3c72824939ccb77b5"
+        );
+        assert_eq!(
+            tree.legacy_digest(),
+            "25d825ccf5dc384cf94f29ea5d8d3ea75f68f1411e9a3658d5905d96476e5598"
+        );
     }
 
     #[test]

@@ -26,7 +26,8 @@ use std::rc::Rc;
 
 use serde::Serialize;
 
-use super::{Change, Derivation};
+use crate::change::Change;
+use crate::store::derivations::Derivation;
 
 /// Fewer derivations than this from the exact base: fall back to its family.
 pub const MIN_SCOPE: usize = 20;

@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::history::Change;
-use crate::packages::dpkg::{InstalledPackage, STATUS_PATH};
+use crate::change::Change;
+use crate::dpkg::{InstalledPackage, STATUS_PATH};
 use crate::store::tree::{EntryKind, Tree};
 
 /// Areas files are grouped by, in the order they are shown.
@@ -85,6 +85,11 @@ pub struct DiffEntry {
 
 impl DiffEntry {
     fn new(kind: &str, subject: impl Into<String>, detail: Option<String>) -> Self {
+        // Every kind the diff emits is documented, learnt and phrased by the one table.
+        debug_assert!(
+            crate::change::change_kind(kind).is_some(),
+            "change kind {kind} is not in change::CHANGE_KINDS"
+        );
         Self {
             kind: kind.into(),
             subject: subject.into(),

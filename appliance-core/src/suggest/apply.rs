@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
 
-use super::Change;
+use crate::change::Change;
 use crate::diagnostics::{Diagnostic, Edit, SourceFile};
 use crate::manifest::model::Appliance;
 use crate::manifest::reference::kdl_string;

@@ -2,18 +2,22 @@
 //! matched by name, the declared packages, users, services, files and ports are the known
 //! changes. Each suggestion becomes a help-level diagnostic on the manifest node it concerns.
 
+pub mod apply;
+pub mod engine;
+pub mod stats;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::Change;
-use super::stats::{Evidence, Ranked, Scope, sql_scope, sql_suggest};
+use crate::change::{Anchor, Change, change_kind};
 use crate::check::CheckReport;
 use crate::diagnostics::{Diagnostic, Level, SourceFile, Span};
 use crate::manifest::model::{Appliance, BaseRef};
 use crate::store::Store;
+use stats::{Evidence, Ranked, Scope, sql_scope, sql_suggest};
 
 #[derive(Debug, Clone)]
 pub struct SuggestOptions {
@@ -157,30 +161,14 @@ fn lineage(appliance: &Appliance, all: &BTreeMap<&str, &Appliance>) -> Vec<Strin
 }
 
 fn message(change: &Change) -> String {
-    let subject = &change.subject;
-    match change.kind.as_str() {
-        "package-added" => format!("consider installing `{subject}`"),
-        "package-removed" => format!("consider removing `{subject}`"),
-        "user-added" => format!("consider adding a user `{subject}`"),
-        "group-added" => format!("consider adding a group `{subject}`"),
-        "service-enabled" => format!("consider enabling `{subject}`"),
-        "port-exposed" => format!("consider exposing port {subject}"),
-        "file-added" => format!("consider providing `{subject}`"),
-        kind => format!("consider `{kind}:{subject}`"),
+    match change.kind() {
+        Some(kind) => kind.suggestion_for(&change.subject),
+        None => format!("consider `{}`", change.key()),
     }
 }
 
 fn verb(kind: &str) -> &'static str {
-    match kind {
-        "package-added" => "install",
-        "package-removed" => "remove",
-        "user-added" => "add the user",
-        "group-added" => "add the group",
-        "service-enabled" => "enable",
-        "port-exposed" => "expose",
-        "file-added" => "provide",
-        _ => "have",
-    }
+    change_kind(kind).map_or("have", |kind| kind.verb)
 }
 
 fn explain(change: &Change, scope: &str, evidence: &Evidence) -> String {
@@ -205,15 +193,16 @@ fn explain(change: &Change, scope: &str, evidence: &Evidence) -> String {
 
 /// Where a suggestion is attached: the node of the same kind when the manifest has one.
 fn anchor(appliance: &Appliance, change: &Change) -> Span {
-    let first = match change.kind.as_str() {
-        "package-added" => appliance.packages.first().map(|p| p.name.span),
-        "package-removed" => appliance.remove.first().map(|p| p.span),
-        "user-added" => appliance.users.first().map(|u| u.span),
-        "group-added" => appliance.groups.first().map(|g| g.span),
-        "service-enabled" | "service-disabled" => appliance.services.first().map(|s| s.span),
-        "port-exposed" => appliance.forwards.first().map(|f| f.span),
-        "file-added" => appliance.copies.first().map(|c| c.span),
-        _ => None,
+    let anchor = change.kind().map_or(Anchor::Appliance, |kind| kind.anchor);
+    let first = match anchor {
+        Anchor::Packages => appliance.packages.first().map(|p| p.name.span),
+        Anchor::Remove => appliance.remove.first().map(|p| p.span),
+        Anchor::Users => appliance.users.first().map(|u| u.span),
+        Anchor::Groups => appliance.groups.first().map(|g| g.span),
+        Anchor::Services => appliance.services.first().map(|s| s.span),
+        Anchor::Forwards => appliance.forwards.first().map(|f| f.span),
+        Anchor::Copies => appliance.copies.first().map(|c| c.span),
+        Anchor::Appliance => None,
     };
     first.unwrap_or(appliance.name.span)
 }
@@ -266,8 +255,8 @@ fn cache_key(store: &Store, report: &CheckReport, options: &SuggestOptions) -> S
     hasher.update(format!(
         "{} {} {}\n",
         env!("CARGO_PKG_VERSION"),
-        super::engine::SHARPNESS,
-        super::engine::PRIOR
+        engine::SHARPNESS,
+        engine::PRIOR
     ));
     hasher.update(format!(
         "{} {} {} {}\n",
@@ -350,13 +339,13 @@ fn compute(
             pattern: &scope_pattern,
             excluding: &excluding,
         };
-        let (seed, other) = super::stats::scope_origins(conn, scope)?;
-        let phrase = super::stats::scope_phrase(&scope_label, seed, other);
+        let (seed, other) = stats::scope_origins(conn, scope)?;
+        let phrase = stats::scope_phrase(&scope_label, seed, other);
         let candidates = sql_suggest(conn, scope, &known, limit * 4 + ignored.len())?
             .into_iter()
             .filter(|ranked| {
                 // Histories recorded before the rule (or imported) may still hold plumbing.
-                super::is_choice(&ranked.scored.change)
+                crate::change::is_choice(&ranked.scored.change)
                     && !ignored.contains(&ranked.scored.change.key().as_str())
                     && !covered_by_copies(appliance, &ranked.scored.change)
             });
@@ -433,7 +422,7 @@ pub fn explain_key(
             appliance: found.appliance.clone(),
             key: key.to_owned(),
             evidence: explain(&found.change, &found.scope, &found.info.evidence),
-            examples: super::stats::examples(conn, scope, &found.change, examples)?,
+            examples: stats::examples(conn, scope, &found.change, examples)?,
         });
     }
     Ok(out)
@@ -446,7 +435,7 @@ fn suggestion_diagnostic(
     scope: &str,
     mut info: SuggestionInfo,
 ) -> Diagnostic {
-    info.edit = super::apply::edit_for(file, appliance, change);
+    info.edit = apply::edit_for(file, appliance, change);
     let apply = if info.edit.is_some() {
         format!(
             "; apply with `cargo appliance suggest -a {} --apply {}`",

@@ -6,6 +6,8 @@
 //! character boundaries before rendering, so a diagnostic from any source (including the KDL
 //! parser's own) can never make the renderer fail.
 
+pub mod codes;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

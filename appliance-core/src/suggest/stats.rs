@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use duckdb::{Connection, params, params_from_iter, types::Value};
 
-use super::{Change, engine};
+use super::engine;
+use crate::change::Change;
 
 pub use crate::diagnostics::Evidence;
 
@@ -350,7 +351,7 @@ pub fn examples(
              SELECT d.child, d.origin FROM scoped c JOIN derivations d ON d.id = c.derivation
              WHERE c.item IN (SELECT id FROM wanted)
              ORDER BY d.origin = '{}', d.id DESC LIMIT {limit}",
-            super::seed::ORIGIN
+            crate::history::seed::ORIGIN
         ));
     let mut statement = conn.prepare(&query.sql)?;
     let rows = statement
@@ -369,7 +370,7 @@ pub fn scope_origins(conn: &Connection, scope: Scope<'_>) -> anyhow::Result<(i64
         " counted AS (SELECT d.origin FROM scope s JOIN derivations d ON d.id = s.id)
          SELECT count(*) FILTER (WHERE origin = '{seed}'), count(*) FILTER (WHERE origin <> '{seed}')
          FROM counted",
-        seed = super::seed::ORIGIN
+        seed = crate::history::seed::ORIGIN
     ));
     Ok(
         conn.query_row(&query.sql, params_from_iter(query.values.iter()), |row| {
