@@ -16,6 +16,7 @@ pub mod history;
 pub mod image_reference;
 pub mod json_file;
 pub mod manifest;
+pub mod oci_json;
 pub mod output;
 pub mod packages;
 pub mod process;

@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
         "change",
         "dpkg",
         "image_reference",
+        "oci_json",
         "json_file",
         "process",
         "test_hooks",

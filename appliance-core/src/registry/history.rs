@@ -123,24 +123,21 @@ pub fn pull(
 ) -> anyhow::Result<(String, usize)> {
     skopeo::require()?;
     let (pinned, manifest_bytes) = skopeo::manifest(source, access)?;
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes)
+    let manifest: crate::oci_json::ImageManifest = serde_json::from_slice(&manifest_bytes)
         .with_context(|| format!("{source}: parsing the manifest"))?;
     anyhow::ensure!(
-        manifest["artifactType"] == ARTIFACT_TYPE,
+        manifest.artifact_type.as_deref() == Some(ARTIFACT_TYPE),
         "{source} is not a cargo-appliance history (its artifactType is {}); `history push` writes one",
-        manifest["artifactType"]
+        manifest.artifact_type.as_deref().unwrap_or("missing")
     );
-    let layer = manifest["layers"]
-        .as_array()
-        .and_then(|layers| layers.iter().find(|l| l["mediaType"] == PARQUET))
+    let layer = manifest
+        .layers
+        .iter()
+        .flatten()
+        .find(|l| l.media_type == PARQUET)
         .with_context(|| format!("{source}: the history has no Parquet layer"))?;
-    let digest = layer["digest"]
-        .as_str()
-        .with_context(|| format!("{source}: the Parquet layer has no digest"))?
-        .to_owned();
-    let size = layer["size"]
-        .as_u64()
-        .with_context(|| format!("{source}: the Parquet layer has no size"))?;
+    let digest = layer.digest.clone();
+    let size = layer.size;
     anyhow::ensure!(
         size <= MAX_HISTORY_BYTES,
         "{source}: the history is {size} bytes, more than the {MAX_HISTORY_BYTES} accepted"

@@ -246,21 +246,12 @@ fn pull_one(
         seen.insert(digest.clone()) && seen.len() <= MAX_LINEAGE,
         "{source}: the parent references loop or go deeper than {MAX_LINEAGE} images"
     );
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes)
+    let manifest: crate::oci_json::ImageManifest = serde_json::from_slice(&manifest_bytes)
         .with_context(|| format!("{source}: parsing the manifest"))?;
-    let layers = manifest["layers"]
-        .as_array()
-        .with_context(|| format!("{source}: the manifest has no `layers`"))?
-        .clone();
-    let annotations: BTreeMap<String, String> = manifest["annotations"]
-        .as_object()
-        .map(|object| {
-            object
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let layers = manifest
+        .layers
+        .with_context(|| format!("{source}: the manifest has no `layers`"))?;
+    let annotations: BTreeMap<String, String> = manifest.annotations;
     let claimed_tree = annotations.get(oci::TREE_DIGEST).cloned();
     let (image_name, version) = match name {
         Some(name) => crate::store::parse_new_reference(name)?,

@@ -106,26 +106,21 @@ pub fn manifest(reference: &Reference, access: &Access) -> anyhow::Result<(Refer
                 "{reference}: the registry answered a manifest with digest {digest}"
             );
         }
-        let document: serde_json::Value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{reference}: the manifest is not JSON"))?;
-        let Some(manifests) = document.get("manifests").and_then(|m| m.as_array()) else {
+        let document: crate::oci_json::ImageIndex =
+            serde_json::from_slice(&bytes).with_context(|| {
+                format!("{reference}: the manifest is not a JSON document of the image spec")
+            })?;
+        if document.manifests.is_none() {
             return Ok((reference.at_digest(&digest), bytes));
-        };
+        }
         anyhow::ensure!(
-            document.get("layers").is_none(),
+            document.layers.is_none(),
             "{reference}: the manifest has both `manifests` and `layers`; refusing an ambiguous document"
         );
-        let chosen = manifests
-            .iter()
-            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
-            .or(match manifests.as_slice() {
-                [only] => Some(only),
-                _ => None,
-            })
-            .with_context(|| format!("{reference}: the index has no linux/amd64 image"))?;
-        let chosen = chosen["digest"]
-            .as_str()
-            .with_context(|| format!("{reference}: an index entry has no digest"))?;
+        let chosen = &document
+            .pick(false)
+            .with_context(|| format!("{reference}: the index has no linux/amd64 image"))?
+            .digest;
         reference = Reference::parse(&format!(
             "{}/{}@{chosen}",
             reference.registry, reference.repository

@@ -19,6 +19,7 @@ use super::objects::Staging;
 use super::tar_reader::{TarKind, TarReader};
 use super::tree::{Entry, EntryKind, Tree, hex, normalize_path};
 use crate::dpkg::STATUS_PATH;
+use crate::oci_json::{Descriptor, ImageIndex, ImageManifest};
 
 /// More entries than this in one image is an attack, not a root filesystem (a full Debian
 /// desktop has about 300,000).
@@ -684,22 +685,22 @@ pub fn import_oci_layout(
     staging: &mut Staging,
     limits: Limits,
 ) -> anyhow::Result<Imported> {
-    let index: serde_json::Value =
+    let index: ImageIndex =
         serde_json::from_slice(&read_blob_file(&layout.join("index.json"), 1 << 20)?)
             .context("parsing index.json")?;
     let manifest_descriptor = pick_manifest(layout, &index)?;
     let manifest_bytes = read_verified_blob(layout, &manifest_descriptor, 4 << 20)?;
-    let manifest: serde_json::Value =
+    let manifest: ImageManifest =
         serde_json::from_slice(&manifest_bytes).context("parsing the image manifest")?;
-    if manifest.get("manifests").is_some() && manifest.get("layers").is_some() {
+    if manifest.manifests.is_some() && manifest.layers.is_some() {
         bail!(
             "the image manifest has both `manifests` and `layers`; refusing an ambiguous document"
         );
     }
-    let layers = manifest["layers"]
-        .as_array()
+    let layers = manifest
+        .layers
         .context("the image manifest has no `layers`")?;
-    apply_oci_layers(&layout.join("blobs/sha256"), layers, None, staging, limits)
+    apply_oci_layers(&layout.join("blobs/sha256"), &layers, None, staging, limits)
 }
 
 /// Apply the layer blobs `layers` (manifest descriptors, blobs as `<blobs>/<hex>`) in order
@@ -707,7 +708,7 @@ pub fn import_oci_layout(
 /// digest before its content counts.
 pub fn apply_oci_layers(
     blobs: &Path,
-    layers: &[serde_json::Value],
+    layers: &[Descriptor],
     base: Option<Tree>,
     staging: &mut Staging,
     limits: Limits,
@@ -718,7 +719,7 @@ pub fn apply_oci_layers(
     }
     for layer in layers {
         crate::process::interrupt::check()?;
-        let (digest, size) = descriptor(layer)?;
+        let (digest, size) = (layer.digest.clone(), layer.size);
         let blob = blob_path(blobs, &digest)?;
         let file = fs_err::File::open(&blob)?.into_parts().0;
         anyhow::ensure!(
@@ -763,15 +764,6 @@ impl Read for SharedReader {
     }
 }
 
-fn descriptor(value: &serde_json::Value) -> anyhow::Result<(String, u64)> {
-    let digest = value["digest"]
-        .as_str()
-        .context("a descriptor has no digest")?
-        .to_owned();
-    let size = value["size"].as_u64().context("a descriptor has no size")?;
-    Ok((digest, size))
-}
-
 /// `<blobs>/<hex>` for a `sha256:<hex>` digest, refusing anything else.
 fn blob_path(blobs: &Path, digest: &str) -> anyhow::Result<PathBuf> {
     let hex_part = digest
@@ -802,52 +794,46 @@ fn read_blob_file(path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
 
 fn read_verified_blob(
     layout: &Path,
-    descriptor_value: &serde_json::Value,
+    descriptor: &Descriptor,
     limit: u64,
 ) -> anyhow::Result<Vec<u8>> {
-    let (digest, size) = descriptor(descriptor_value)?;
+    let (digest, size) = (&descriptor.digest, descriptor.size);
     anyhow::ensure!(
         size <= limit,
         "blob {digest} claims {size} bytes, more than {limit}"
     );
-    let data = read_blob_file(&blob_path(&layout.join("blobs/sha256"), &digest)?, limit)?;
+    let data = read_blob_file(&blob_path(&layout.join("blobs/sha256"), digest)?, limit)?;
     anyhow::ensure!(
         data.len() as u64 == size,
         "blob {digest} is {} bytes, its descriptor says {size}",
         data.len()
     );
     let actual = format!("sha256:{}", hex(&Sha256::digest(&data)));
-    anyhow::ensure!(actual == digest, "blob {digest} hashes to {actual}");
+    anyhow::ensure!(&actual == digest, "blob {digest} hashes to {actual}");
     Ok(data)
 }
 
-fn pick_manifest(layout: &Path, index: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    if index.get("layers").is_some() {
+fn pick_manifest(layout: &Path, index: &ImageIndex) -> anyhow::Result<Descriptor> {
+    if index.layers.is_some() {
         bail!("index.json has `layers`; refusing an ambiguous document");
     }
-    let manifests = index["manifests"]
-        .as_array()
+    let manifests = index
+        .manifests
+        .as_deref()
         .context("index.json has no `manifests`")?;
-    let chosen = match manifests.as_slice() {
-        [] => bail!("index.json lists no manifests"),
-        [only] => only.clone(),
-        several => several
-            .iter()
-            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
-            .cloned()
-            .context("index.json has several manifests and none for linux/amd64")?,
-    };
+    if manifests.is_empty() {
+        bail!("index.json lists no manifests");
+    }
+    let chosen = index
+        .pick(false)
+        .cloned()
+        .context("index.json has several manifests and none for linux/amd64")?;
     // A nested index: follow it once.
-    if chosen["mediaType"] == "application/vnd.oci.image.index.v1+json" {
-        let nested: serde_json::Value =
+    if chosen.media_type == crate::oci_json::MEDIA_TYPE_INDEX {
+        let nested: ImageIndex =
             serde_json::from_slice(&read_verified_blob(layout, &chosen, 4 << 20)?)?;
-        let inner = nested["manifests"]
-            .as_array()
-            .context("nested index has no manifests")?;
-        return inner
-            .iter()
-            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
-            .or(inner.first())
+        return nested
+            .pick(true)
             .cloned()
             .context("nested index lists no manifests");
     }
