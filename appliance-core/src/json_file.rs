@@ -26,6 +26,7 @@ pub fn write_atomically(path: &Path, value: &impl Serialize) -> anyhow::Result<(
     }
     let temp = path.with_extension("tmp");
     fs_err::write(&temp, serde_json::to_vec(value)?)?;
+    crate::test_hooks::point("state-renaming");
     fs_err::rename(&temp, path)?;
     Ok(())
 }

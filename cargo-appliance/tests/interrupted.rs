@@ -415,6 +415,19 @@ fn builds_killed_at_random_moments_leave_store_and_outputs_whole() {
         let _ = build.kill();
         let _ = build.wait();
         let context = format!("round {round}, killed after {after} ms (seed {seed})");
+        setup.recovers_after_a_kill(round, &motd_text(round), &context);
+    }
+}
+
+fn motd_text(round: u32) -> String {
+    format!("motd {round}\n")
+}
+
+impl Setup {
+    /// After a killed build: `fsck` finds no damage, the next build finishes by itself, and
+    /// what is stored and written is this round's (`motd`), the output of the stored image.
+    fn recovers_after_a_kill(&self, round: u32, motd: &str, context: &str) {
+        let setup = self;
         let fsck = setup.command(&["fsck"]).output().expect("fsck runs");
         assert!(
             fsck.status.success(),
@@ -439,7 +452,7 @@ fn builds_killed_at_random_moments_leave_store_and_outputs_whole() {
         assert!(export.status.success(), "{context}");
         assert_eq!(
             std::fs::read_to_string(exported.join("etc/motd")).expect("motd"),
-            format!("motd {round}\n"),
+            motd.to_owned(),
             "{context}"
         );
         std::fs::remove_dir_all(&exported).expect("cleanup");
@@ -471,5 +484,40 @@ fn builds_killed_at_random_moments_leave_store_and_outputs_whole() {
             manifest["annotations"]["dev.cargo-appliance.tree-digest"], newest["tree_digest"],
             "{context}: the output is of the stored image"
         );
+    }
+}
+
+/// The points where the code lets a test kill it (`APPLIANCE_FAULT_KILL_AT`), each between
+/// a step that is done and the record that says so: after each one's SIGKILL, the store and
+/// the outputs are whole and the next build recovers by itself. A point the build does not
+/// reach fails the test, so the list stays true.
+#[test]
+fn builds_killed_at_each_fault_point_leave_store_and_outputs_whole() {
+    let setup = Setup::new("user \"api\"\n    copy \"motd\" to=\"/etc/motd\"\n    output \"oci\"");
+    let motd = setup.workspace().join("motd");
+    write(&motd, &motd_text(0));
+    setup.build_with_one_cached_tree();
+    for (round, point) in (1..).zip([
+        "objects-committed",
+        "image-committed",
+        "output-written",
+        "state-renaming",
+    ]) {
+        write(&motd, &motd_text(round));
+        let killed = setup
+            .build()
+            .env("APPLIANCE_FAULT_KILL_AT", point)
+            .output()
+            .expect("runs");
+        {
+            use std::os::unix::process::ExitStatusExt as _;
+            assert_eq!(
+                killed.status.signal(),
+                Some(9),
+                "the build did not reach `{point}`: {}",
+                String::from_utf8_lossy(&killed.stderr)
+            );
+        }
+        setup.recovers_after_a_kill(round, &motd_text(round), &format!("killed at `{point}`"));
     }
 }

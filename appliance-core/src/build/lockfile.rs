@@ -155,6 +155,7 @@ impl LockFile {
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         let temp = path.with_extension("lock.tmp");
         fs_err::write(&temp, self.render())?;
+        crate::test_hooks::point("lock-renaming");
         fs_err::rename(&temp, path)?;
         Ok(())
     }

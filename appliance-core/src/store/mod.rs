@@ -402,6 +402,8 @@ impl Store {
         // The last moment a signal can still leave the store as it was.
         crate::process::interrupt::check()?;
         staging.commit()?;
+        // Objects are in place, the catalog does not list them yet: `gc` removes them.
+        crate::test_hooks::point("objects-committed");
         let status_from_objects;
         let dpkg_status = match dpkg_status {
             Some(status) => Some(status),
@@ -458,6 +460,8 @@ impl Store {
             tree,
             &packages,
         )?;
+        // The image is listed, its derivation not yet recorded: `history rebuild` adds it.
+        crate::test_hooks::point("image-committed");
         self.record_derivation(&mut catalog, &images, &record, Some(tree))
             .context("recording the derivation (the image is stored; `history rebuild` retries)")?;
         Ok(record)
