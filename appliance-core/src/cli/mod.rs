@@ -337,7 +337,7 @@ pub struct RunArgs {
     #[arg(short = 'a', long = "appliance", value_name = "NAME")]
     pub appliance: Option<String>,
     /// Which disk output to boot when the appliance has both
-    #[arg(long, value_parser = ["raw", "qcow2"])]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::output::Format::disk_names()))]
     pub format: Option<String>,
     /// Never use KVM, even when /dev/kvm is usable
     #[arg(long)]
@@ -998,7 +998,7 @@ fn test_drive_appliance(
         manifest_path: global.manifest_path.clone(),
         appliances: Vec::new(),
     })?;
-    let is_disk = |format: &str| matches!(format, "raw" | "qcow2");
+    let is_disk = crate::output::is_disk;
     let candidates: Vec<String> = all
         .appliances()
         .filter(|(_, a)| a.outputs.iter().any(|o| is_disk(&o.format.value)))
@@ -1084,7 +1084,7 @@ fn ssh(global: &GlobalArgs, args: &SshArgs) -> anyhow::Result<ExitCode> {
 
 fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let (_all, name) = test_drive_appliance(global, args.appliance.as_ref())?;
-    let is_disk = |format: &str| matches!(format, "raw" | "qcow2");
+    let is_disk = crate::output::is_disk;
     let options = CheckOptions {
         manifest_path: global.manifest_path.clone(),
         appliances: vec![name.clone()],

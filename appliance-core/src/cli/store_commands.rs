@@ -151,7 +151,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
         Command::Image(ImageCommand::Export { image, output })
             if matches!(
                 output.extension().and_then(|e| e.to_str()),
-                Some("raw" | "qcow2")
+                Some(extension) if crate::output::is_disk(extension)
             ) =>
         {
             export_disk(global, &store, image, output)?;

@@ -24,20 +24,48 @@ pub enum Format {
 }
 
 impl Format {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "tar" => Some(Format::Tar),
-            "oci" => Some(Format::Oci),
-            "raw" => Some(Format::Raw),
-            "qcow2" => Some(Format::Qcow2),
-            _ => None,
+    /// Every format, in the order of the schema's table
+    /// ([`crate::manifest::schema::OUTPUT_FORMATS`], which documents them).
+    pub const ALL: [Format; 4] = [Format::Tar, Format::Oci, Format::Raw, Format::Qcow2];
+
+    /// The name a manifest's `output` node gives.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Tar => "tar",
+            Format::Oci => "oci",
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
         }
+    }
+
+    /// The schema's entry: summary, options, whether it is a bootable disk.
+    pub fn spec(self) -> &'static crate::manifest::schema::OutputFormat {
+        let index = Self::ALL.iter().position(|f| *f == self).unwrap_or(0);
+        &crate::manifest::schema::OUTPUT_FORMATS[index]
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|format| format.name() == name)
     }
 
     /// Whether the format is a disk that boots (the build then installs a kernel).
     pub fn is_bootable(self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2)
+        self.spec().disk
     }
+
+    /// The names of the bootable disk formats (`run --format`, `image export` by extension).
+    pub fn disk_names() -> Vec<&'static str> {
+        Self::ALL
+            .into_iter()
+            .filter(|f| f.is_bootable())
+            .map(Format::name)
+            .collect()
+    }
+}
+
+/// Whether `name` is a format that is a bootable disk.
+pub fn is_disk(name: &str) -> bool {
+    Format::parse(name).is_some_and(Format::is_bootable)
 }
 
 /// What a writer needs: the image, its lineage (root first, the image last) and the node.
@@ -259,5 +287,24 @@ fn disk_note(disk: &Path, written: &disk::Written) -> Option<String> {
         disk::Written::Rewritten(reason) => Some(format!(
             "{name}: could not update the previous disk ({reason}); wrote it again"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_format_enum_is_the_schema_table() {
+        let names: Vec<&str> = crate::manifest::schema::OUTPUT_FORMATS
+            .iter()
+            .map(|f| f.name)
+            .collect();
+        assert_eq!(Format::ALL.map(Format::name).to_vec(), names);
+        for format in Format::ALL {
+            assert_eq!(format.spec().name, format.name());
+            assert_eq!(Format::parse(format.name()), Some(format));
+        }
+        assert_eq!(Format::disk_names(), ["raw", "qcow2"]);
     }
 }
