@@ -83,6 +83,13 @@ ours=$(start_registry ours)
 theirs=$(start_registry theirs)
 skopeo_push() { skopeo copy --quiet --dest-tls-verify=false "oci:$layout:latest" "docker://$theirs/bench/web:$image"; }
 skopeo_pull() { skopeo copy --quiet --src-tls-verify=false "docker://$theirs/bench/web:$image" "oci:$work/pulled:$image"; }
+# A pull into the store ends with the tree unpacked and indexed: the fair baseline also
+# unpacks what it copied (umoci, as root, keeping owners).
+skopeo_pull_unpack() {
+    rm -rf "$work/pulled-unpacked" "$work/rootfs"
+    skopeo copy --quiet --src-tls-verify=false "docker://$theirs/bench/web:$image" "oci:$work/pulled-unpacked:$image"
+    umoci raw unpack --image "$work/pulled-unpacked:$image" "$work/rootfs"
+}
 ours_push() { "$bin" --store "$store" -q push "web@$image" "$ours/bench/web" --lineage; }
 ours_pull() { "$bin" --store "$work/store2" -q pull "$ours/bench/web:$image"; }
 
@@ -92,6 +99,7 @@ repush=$(timed_median ours_push)
 repush_skopeo=$(timed_median skopeo_push)
 pull=$(timed ours_pull)
 pull_skopeo=$(timed skopeo_pull)
+pull_unpack=$(timed skopeo_pull_unpack)
 repull=$(timed_median ours_pull)
 repull_skopeo=$(timed_median skopeo_pull)
 
@@ -101,4 +109,5 @@ printf '%-40s %10s %12s %8s %8s\n' "operation" "seconds" "skopeo copy" "ratio" "
 printf '%-40s %10.3f %12.3f %8.2f %8s\n' "push --lineage to an empty registry" "$push" "$push_skopeo" "$(ratio "$push" "$push_skopeo")" "1.0x"
 printf '%-40s %10.3f %12.3f %8.2f %8s\n' "re-push, nothing new (median of $runs)" "$repush" "$repush_skopeo" "$(ratio "$repush" "$repush_skopeo")" "0.1 s"
 printf '%-40s %10.3f %12.3f %8.2f %8s\n' "pull into an empty store (oci: dir)" "$pull" "$pull_skopeo" "$(ratio "$pull" "$pull_skopeo")" "1.0x"
+printf '%-40s %10.3f %12.3f %8.2f %8s\n' "  … vs skopeo copy + umoci raw unpack" "$pull" "$pull_unpack" "$(ratio "$pull" "$pull_unpack")" "1.0x"
 printf '%-40s %10.3f %12.3f %8.2f %8s\n' "re-pull, nothing new (median of $runs)" "$repull" "$repull_skopeo" "$(ratio "$repull" "$repull_skopeo")" "0.1 s"
