@@ -184,8 +184,10 @@ pub fn build(
             }
         }
     }
-    if options.locked || reporter.is_verbose() {
-        let plan = context.plan(&order, &sites, &old_lock)?;
+    // The plan before any work: what each step will do and why. The build then takes what
+    // the plan found stored and runs the rest.
+    let plan = context.plan(&order, &sites, &old_lock)?;
+    {
         // An appliance on an appliance: its package step's key follows its base appliance's
         // image. Known from the plan (the base is reused), it must be the locked key; when
         // the base is surely rebuilt, the locked key cannot hold. Either fails before work.
@@ -251,7 +253,8 @@ pub fn build(
         };
         crate::process::interrupt::check().map_err(anyhow::Error::from)?;
         let locked = old_lock.appliances.get(&name).cloned().unwrap_or_default();
-        let (done, lock_entry) = context.build_one(site, &built, &locked)?;
+        let planned = plan.appliances.iter().find(|a| a.appliance == name);
+        let (done, lock_entry) = context.build_one(site, &built, &locked, planned)?;
         new_lock.appliances.insert(name.clone(), lock_entry);
         built.insert(name, done.clone());
         results.push(done);
@@ -464,7 +467,9 @@ impl<'a> Context<'a> {
         site: &Site<'_>,
         built: &BTreeMap<String, Built>,
         locked: &LockedAppliance,
+        planned: Option<&plan::AppliancePlan>,
     ) -> Result<(Built, LockedAppliance), BuildError> {
+        let reused = |step: &str| planned.and_then(|p| p.reused(step)).cloned();
         let started = Instant::now();
         let appliance = site.appliance;
         let name = &appliance.name.value;
@@ -486,14 +491,17 @@ impl<'a> Context<'a> {
                     .as_ref()
                     .map(|r| (r.value.clone(), r.span))
                     .or_else(|| self.options.registry.clone().map(|r| (r, base_node.span)));
-                let image = self.resolve_base(
-                    site,
-                    base_node.span,
-                    image_name,
-                    version.as_ref(),
-                    registry.as_ref().map(|(r, span)| (r.as_str(), *span)),
-                    locked,
-                )?;
+                let image = match reused("base") {
+                    Some(image) => image,
+                    None => self.resolve_base(
+                        site,
+                        base_node.span,
+                        image_name,
+                        version.as_ref(),
+                        registry.as_ref().map(|(r, span)| (r.as_str(), *span)),
+                        locked,
+                    )?,
+                };
                 lock_entry.base = Some(LockedImage {
                     name: image.name.clone(),
                     version: image.version.clone(),
@@ -521,7 +529,10 @@ impl<'a> Context<'a> {
         let packages_image = if wish.is_empty() {
             base.clone()
         } else {
-            let (image, did_work) = self.package_step(site, &base, &wish, locked)?;
+            let (image, did_work) = match reused("packages") {
+                Some(image) => (image, false),
+                None => self.package_step(site, &base, &wish, locked)?,
+            };
             fresh &= !did_work;
             // Stored images carry their package versions in the provenance: no catalog query.
             let installed: BTreeMap<String, String> =
@@ -539,7 +550,10 @@ impl<'a> Context<'a> {
         };
 
         // Files, binaries, configuration, run scripts.
-        let (image, did_work) = self.appliance_step(site, &packages_image)?;
+        let (image, did_work) = match reused("appliance") {
+            Some(image) => (image, false),
+            None => self.appliance_step(site, &packages_image)?,
+        };
         fresh &= !did_work;
 
         // Outputs.

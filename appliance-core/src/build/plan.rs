@@ -26,6 +26,16 @@ pub struct BuildPlan {
     pub appliances: Vec<AppliancePlan>,
 }
 
+impl AppliancePlan {
+    /// The stored image the plan's `step` reuses, when it does not run.
+    pub(super) fn reused(&self, step: &str) -> Option<&ImageRecord> {
+        self.steps
+            .iter()
+            .find(|s| s.step == step && !s.run)
+            .and_then(|s| s.reused.as_ref())
+    }
+}
+
 impl BuildPlan {
     /// Whether any step of any appliance will run.
     pub fn has_work(&self) -> bool {
@@ -61,6 +71,9 @@ pub struct PlannedStep {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     pub why: String,
+    /// The stored image a step that does not run stands for: the build takes it as is.
+    #[serde(skip)]
+    pub(super) reused: Option<ImageRecord>,
 }
 
 impl PlannedStep {
@@ -73,6 +86,7 @@ impl PlannedStep {
             certain: true,
             image: None,
             why: why.into(),
+            reused: None,
         }
     }
 }
@@ -285,6 +299,7 @@ impl Context<'_> {
                         let mut step = PlannedStep::new("base", false, "stored");
                         step.key = Some(image.tree_digest.clone());
                         step.image = Some(image.reference());
+                        step.reused = Some(image.clone());
                         steps.push(step);
                         Known::Image(image)
                     }
@@ -342,6 +357,7 @@ impl Context<'_> {
                                     "stored: the same start image and package set",
                                 );
                                 step.image = Some(image.reference());
+                                step.reused = Some(image.clone());
                                 (step, Known::Image(image))
                             }
                             Plan::Install { start, reason, .. } => {
@@ -545,6 +561,7 @@ impl Context<'_> {
             Some(image) => {
                 let mut step = PlannedStep::new("appliance", false, "stored: the same inputs");
                 step.image = Some(image.reference());
+                step.reused = Some(image.clone());
                 step
             }
             None => {
