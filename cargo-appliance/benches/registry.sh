@@ -88,7 +88,7 @@ skopeo_pull() { skopeo copy --quiet --src-tls-verify=false "docker://$theirs/ben
 skopeo_pull_unpack() {
     rm -rf "$work/pulled-unpacked" "$work/rootfs"
     skopeo copy --quiet --src-tls-verify=false "docker://$theirs/bench/web:$image" "oci:$work/pulled-unpacked:$image"
-    umoci raw unpack --image "$work/pulled-unpacked:$image" "$work/rootfs"
+    umoci raw unpack --image "$work/pulled-unpacked:$image" "$work/rootfs" >/dev/null 2>&1
 }
 ours_push() { "$bin" --store "$store" -q push "web@$image" "$ours/bench/web" --lineage; }
 ours_pull() { "$bin" --store "$work/store2" -q pull "$ours/bench/web:$image"; }
