@@ -5,7 +5,10 @@
 //! [`is_closed_pipe`] tells `cli::run` to end without a word.
 
 use std::fmt;
-use std::io::{self, Write as _};
+use std::io::{self, IsTerminal as _, Write as _};
+
+use super::{ColorChoice, GlobalArgs, MessageFormat};
+use crate::diagnostics::Diagnostic;
 
 /// Write to stdout. Errors are returned, never a panic (as `print!` would).
 pub(crate) fn write_stdout(args: fmt::Arguments<'_>) -> io::Result<()> {
@@ -46,6 +49,63 @@ pub(crate) fn is_closed_pipe(error: &anyhow::Error) -> bool {
 /// to tell, so its errors are dropped.
 pub(crate) fn status_line(args: fmt::Arguments<'_>) {
     let _ = writeln!(io::stderr().lock(), "{args}");
+}
+
+/// Print an error with its chain of causes, cargo-style ("error: …", "caused by: …").
+pub fn report_error(global: &GlobalArgs, error: &anyhow::Error) {
+    // What failed because of a signal is reported once, as the interruption (`run`).
+    if crate::process::interrupt::received().is_some() {
+        return;
+    }
+    match global.message_format {
+        MessageFormat::Json => {
+            let causes: Vec<String> = error.chain().skip(1).map(ToString::to_string).collect();
+            let message = serde_json::json!({
+                "reason": "error",
+                "message": error.to_string(),
+                "causes": causes,
+            });
+            let _ = writeln!(std::io::stdout().lock(), "{message}");
+        }
+        MessageFormat::Human => {
+            let mut stderr = std::io::stderr().lock();
+            let _ = writeln!(stderr, "error: {error}");
+            for cause in error.chain().skip(1) {
+                let _ = writeln!(stderr, "  caused by: {cause}");
+            }
+        }
+    }
+}
+
+pub(crate) fn use_color(global: &GlobalArgs) -> bool {
+    match global.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+        }
+    }
+}
+
+/// Print diagnostics in the chosen format. Write errors (a closed pipe) are not worth a panic.
+pub(crate) fn emit(global: &GlobalArgs, diagnostics: &[Diagnostic]) {
+    match global.message_format {
+        MessageFormat::Human => {
+            let color = use_color(global);
+            let mut stderr = std::io::stderr().lock();
+            for diagnostic in diagnostics {
+                let _ = write!(stderr, "{}", diagnostic.render_human(color));
+            }
+        }
+        MessageFormat::Json => {
+            let mut stdout = std::io::stdout().lock();
+            for diagnostic in diagnostics {
+                if let Ok(line) = serde_json::to_string(&diagnostic.to_message()) {
+                    let _ = writeln!(stdout, "{line}");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use anyhow::Context as _;
 
 use crate::cli::printer::{outln, print_json, status_line};
 use crate::cli::{
-    BaseCommand, Command, GlobalArgs, HistoryArgs, HistoryCommand, ImageCommand, MessageFormat,
-    plural,
+    BaseCommand, FsckArgs, GlobalArgs, HistoryArgs, HistoryCommand, ImageCommand, ImagesArgs,
+    MessageFormat, PullArgs, PushArgs, plural,
 };
 use crate::history;
 use crate::packages::debian::{BaseRequest, create_base};
@@ -63,18 +63,29 @@ fn image_line(image: &ImageRecord) -> String {
     )
 }
 
-pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Result<ExitCode> {
+/// The store's commands, as `cli::run_command` hands them over: exactly the commands this
+/// group serves, so both matches are exhaustive.
+#[derive(Debug)]
+pub(crate) enum StoreCommand<'a> {
+    Images(&'a ImagesArgs),
+    Image(&'a ImageCommand),
+    Base(&'a BaseCommand),
+    Gc,
+    Fsck(&'a FsckArgs),
+    History(&'a HistoryArgs),
+    Push(&'a PushArgs),
+    Pull(&'a PullArgs),
+    Diff { from: &'a str, to: &'a str },
+}
+
+pub(crate) fn run_store_command(
+    global: &GlobalArgs,
+    command: StoreCommand<'_>,
+) -> anyhow::Result<ExitCode> {
     let store = open_store(global)?;
     let json = global.message_format == MessageFormat::Json;
     match command {
-        Command::Check(_)
-        | Command::Build(_)
-        | Command::Update(_)
-        | Command::Run(_)
-        | Command::Ssh(_) => {
-            unreachable!("dispatched by cli::run")
-        }
-        Command::Images(args) => {
+        StoreCommand::Images(args) => {
             let images = store.list()?;
             if json {
                 for image in &images {
@@ -118,9 +129,9 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 }
             }
         }
-        Command::Push(args) => push(global, &store, args)?,
-        Command::Pull(args) => pull(global, &store, args)?,
-        Command::Image(ImageCommand::Import {
+        StoreCommand::Push(args) => push(global, &store, args)?,
+        StoreCommand::Pull(args) => pull(global, &store, args)?,
+        StoreCommand::Image(ImageCommand::Import {
             reference,
             path,
             parent,
@@ -148,7 +159,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::Image(ImageCommand::Export { image, output })
+        StoreCommand::Image(ImageCommand::Export { image, output })
             if matches!(
                 output.extension().and_then(|e| e.to_str()),
                 Some(extension) if crate::output::is_disk(extension)
@@ -156,7 +167,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
         {
             export_disk(global, &store, image, output)?;
         }
-        Command::Image(ImageCommand::Export { image, output }) => {
+        StoreCommand::Image(ImageCommand::Export { image, output }) => {
             let report = store.export(image, output)?;
             if json {
                 print_json(&report)?;
@@ -182,7 +193,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 }
             }
         }
-        Command::Image(ImageCommand::Show { image }) => {
+        StoreCommand::Image(ImageCommand::Show { image }) => {
             let details = store.show(image)?;
             if json {
                 print_json(&details)?;
@@ -219,7 +230,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 }
             }
         }
-        Command::Image(ImageCommand::Rm { image, recursive }) => {
+        StoreCommand::Image(ImageCommand::Rm { image, recursive }) => {
             let removed = store.remove(image, *recursive)?;
             if json {
                 print_json(&serde_json::json!({"removed": removed}))?;
@@ -229,7 +240,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 }
             }
         }
-        Command::Base(BaseCommand::Create {
+        StoreCommand::Base(BaseCommand::Create {
             name,
             suite,
             variant,
@@ -260,7 +271,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::Gc => {
+        StoreCommand::Gc => {
             let report = store.gc()?;
             if json {
                 print_json(&report)?;
@@ -278,8 +289,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::Suggest(_) => unreachable!("suggest is dispatched by cli::run"),
-        Command::History(HistoryArgs {
+        StoreCommand::History(HistoryArgs {
             command: Some(HistoryCommand::Import { file }),
         }) => {
             let mut catalog = store.write_catalog()?;
@@ -296,7 +306,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::History(HistoryArgs {
+        StoreCommand::History(HistoryArgs {
             command:
                 Some(HistoryCommand::Push {
                     reference,
@@ -327,7 +337,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::History(HistoryArgs {
+        StoreCommand::History(HistoryArgs {
             command:
                 Some(HistoryCommand::Pull {
                     reference,
@@ -354,7 +364,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::History(HistoryArgs {
+        StoreCommand::History(HistoryArgs {
             command: Some(HistoryCommand::Export { file }),
         }) => {
             let catalog = store.read_catalog()?;
@@ -371,7 +381,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::History(HistoryArgs { command: None }) => {
+        StoreCommand::History(HistoryArgs { command: None }) => {
             let origins = history::origins(store.read_catalog()?.connection())?;
             if json {
                 for (origin, derivations) in &origins {
@@ -385,7 +395,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 }
             }
         }
-        Command::History(HistoryArgs {
+        StoreCommand::History(HistoryArgs {
             command: Some(HistoryCommand::Rm { origin }),
         }) => {
             let mut catalog = store.write_catalog()?;
@@ -407,7 +417,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::History(HistoryArgs {
+        StoreCommand::History(HistoryArgs {
             command: Some(HistoryCommand::Rebuild),
         }) => {
             let count = store.rebuild_history()?;
@@ -421,7 +431,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 );
             }
         }
-        Command::Diff { from, to } => {
+        StoreCommand::Diff { from, to } => {
             let entries = store.diff(from, to)?;
             if json {
                 for entry in &entries {
@@ -431,7 +441,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 print_diff(&entries)?;
             }
         }
-        Command::History(HistoryArgs {
+        StoreCommand::History(HistoryArgs {
             command: Some(HistoryCommand::Evaluate { file }),
         }) => {
             let derivations = match file {
@@ -475,7 +485,7 @@ pub fn run_store_command(global: &GlobalArgs, command: &Command) -> anyhow::Resu
                 }
             }
         }
-        Command::Fsck(args) => {
+        StoreCommand::Fsck(args) => {
             let report = store.fsck(args.repair)?;
             if json {
                 print_json(&report)?;
