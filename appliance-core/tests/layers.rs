@@ -18,11 +18,11 @@ const LAYERS: &[&[&str]] = &[
         "dpkg",
         "image_reference",
         "oci_json",
-        "json_file",
         "process",
         "test_hooks",
     ],
-    &["manifest"],
+    // The manifest language; the build's JSON state files (they have fault points).
+    &["manifest", "json_file"],
     &["workspace", "store"],
     &["check", "packages", "history", "run"],
     &["output", "suggest"],
