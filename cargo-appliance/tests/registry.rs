@@ -262,6 +262,19 @@ fn an_image_pushed_with_its_lineage_is_an_oci_image_and_pulls_back_whole() {
         registry.requests("PATCH", "/team/debian/bookworm/blobs/uploads/"),
         base_uploads
     );
+    // Pushed again with nothing new: the registry is asked for the top manifest only;
+    // nothing is uploaded and no manifest written.
+    let (uploads, manifests_written) = (
+        registry.requests("PATCH", "/blobs/uploads/"),
+        registry.requests("PUT", "/manifests/"),
+    );
+    let repushed = source.ok(&["push", "web@2", &format!("{host}/team/web"), "--lineage"]);
+    assert!(
+        repushed.contains(&format!("web@2 → {host}/team/web:2")),
+        "{repushed}"
+    );
+    assert_eq!(registry.requests("PATCH", "/blobs/uploads/"), uploads);
+    assert_eq!(registry.requests("PUT", "/manifests/"), manifests_written);
     let base_reads = registry.requests("GET", &format!("/blobs/{base_layer}"));
     other.ok(&["pull", &format!("{host}/team/web:2")]);
     assert_eq!(

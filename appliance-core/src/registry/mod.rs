@@ -88,8 +88,9 @@ pub fn push(
         destination.tag = Some(image.version.clone());
     }
     targets.push((chain.len() - 1, destination));
-    let staging = store.staging()?;
-    let mut pushed: Vec<Pushed> = Vec::new();
+    // Compose every image first: its manifest digest is known before anything moves, and
+    // each names its parent by the digest the parent's push will have.
+    let mut composed = Vec::new();
     let mut parent_manifest: Option<String> = None;
     for (at, reference) in targets {
         let image = &chain[at];
@@ -101,8 +102,41 @@ pub fn push(
             tag: reference.to_string(),
             ..OciConfig::default()
         };
-        let composed = oci::compose(store, &chain[..=at], &config, created, &annotations)
+        let image_composed = oci::compose(store, &chain[..=at], &config, created, &annotations)
             .with_context(|| format!("composing {} as an OCI image", image.reference()))?;
+        parent_manifest = Some(format!(
+            "{}/{}@sha256:{}",
+            reference.registry, reference.repository, image_composed.manifest_digest
+        ));
+        composed.push((at, reference, image_composed));
+    }
+    // A re-push: this store pushed exactly these manifests here before, and the registry
+    // still has the top one (which names each parent by digest), so nothing is missing.
+    // One manifest lookup instead of a copy per image.
+    let record_path = store.root().join(PUSHED_RECORD);
+    let mut record: BTreeMap<String, String> = crate::json_file::load_or_default(&record_path);
+    let all_recorded = composed.iter().all(|(_, reference, c)| {
+        record.get(&reference.to_string()) == Some(&format!("sha256:{}", c.manifest_digest))
+    });
+    if all_recorded && let Some((_, top, top_composed)) = composed.last() {
+        let there = skopeo::manifest(top, access).ok().map(|(pinned, _)| {
+            pinned.digest == Some(format!("sha256:{}", top_composed.manifest_digest))
+        });
+        if there == Some(true) {
+            return Ok(composed
+                .iter()
+                .map(|(at, reference, c)| Pushed {
+                    image: chain[*at].reference(),
+                    reference: reference.to_string(),
+                    digest: format!("sha256:{}", c.manifest_digest),
+                })
+                .collect());
+        }
+    }
+    let staging = store.staging()?;
+    let mut pushed: Vec<Pushed> = Vec::new();
+    for (at, reference, composed) in composed {
+        let image = &chain[at];
         let layout = staging.dir().join(format!("push-{at}"));
         composed.write_layout(&layout)?;
         let digest = skopeo::copy(
@@ -122,10 +156,7 @@ pub fn push(
             "the registry stored {reference} as {digest}, not as the pushed manifest {expected}"
         );
         fs_err::remove_dir_all(&layout)?;
-        parent_manifest = Some(format!(
-            "{}/{}@{digest}",
-            reference.registry, reference.repository
-        ));
+        record.insert(reference.to_string(), digest.clone());
         pushed.push(Pushed {
             image: image.reference(),
             reference: reference.to_string(),
@@ -133,8 +164,13 @@ pub fn push(
         });
     }
     staging.discard();
+    // Only a cache: losing it costs the next re-push its copies, nothing else.
+    let _ = crate::json_file::write_atomically(&record_path, &record);
     Ok(pushed)
 }
+
+/// What this store pushed where: reference → manifest digest.
+const PUSHED_RECORD: &str = "cache/oci/pushed.json";
 
 /// The lineage of `image`, root first.
 fn chain_of(images: &[ImageRecord], image: &ImageRecord) -> anyhow::Result<Vec<ImageRecord>> {
