@@ -153,11 +153,7 @@ impl LockFile {
 
     /// Write atomically (temp file, rename).
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
-        let temp = path.with_extension("lock.tmp");
-        fs_err::write(&temp, self.render())?;
-        crate::test_hooks::point("lock-renaming");
-        fs_err::rename(&temp, path)?;
-        Ok(())
+        crate::json_file::write_bytes_atomically(path, self.render().as_bytes(), "lock-renaming")
     }
 }
 
