@@ -15,9 +15,12 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 bin=${1:-$target/debug/cargo-appliance}
 runs=${RUNS:-5}
 work=$(mktemp -d /var/tmp/appliance-bench.XXXXXX)
-registries=()
+# start_registry runs in a command substitution (a subshell): each registry's PID goes to a
+# file, so the cleanup can stop them all.
 cleanup() {
-    for pid in "${registries[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pidfile in "$work"/*/pid; do
+        [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -41,7 +44,7 @@ http:
   addr: 127.0.0.1:$port
 EOF
     docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
-    registries+=("$!")
+    echo "$!" >"$dir/pid"
     for _ in $(seq 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
         sleep 0.1
