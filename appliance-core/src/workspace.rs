@@ -3,7 +3,7 @@
 //! checking what a manifest names in it — copy sources and globs, `binary` targets, scripts.
 //!
 //! Invariant: every source a manifest names resolves to a path inside the workspace root,
-//! after following symlinks, unless the node explicitly allows otherwise (HOSTILE.md item 29).
+//! after following symlinks, unless the node explicitly allows otherwise (docs/HOSTILE.md item 29).
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};

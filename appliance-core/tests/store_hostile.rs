@@ -1,4 +1,4 @@
-//! The store against hostile archives and faults (../shared/HOSTILE.md). Every test imports
+//! The store against hostile archives and faults (docs/HOSTILE.md). Every test imports
 //! into a fresh store next to a sentinel directory and checks the sentinel is byte-for-byte
 //! unchanged afterwards (the "escape oracle"), besides the outcome the catalogue asks for.
 

@@ -162,7 +162,7 @@ fn a_script_past_its_timeout_fails_the_build_naming_the_node_and_the_limit() {
     setup.fsck_is_clean();
 }
 
-/// HOSTILE item 26, the disk: a script that writes without end fills only the space its
+/// docs/HOSTILE.md item 26, the disk: a script that writes without end fills only the space its
 /// changes may take (a bounded tmpfs upper layer), fails on its node, and stores nothing.
 #[test]
 fn a_script_that_fills_its_space_fails_the_build_and_leaves_the_store_alone() {

@@ -612,7 +612,7 @@ fn derived_imports_record_their_changes_and_history_follows_the_images() {
     assert!(export("after-rm.jsonl").is_empty());
 }
 
-/// HOSTILE item 34: the disk fills up during an import. The store sits on a 48 MiB tmpfs
+/// docs/HOSTILE.md item 34: the disk fills up during an import. The store sits on a 48 MiB tmpfs
 /// mounted in a private mount namespace (nothing outside the test sees it); a 64 MiB import
 /// fails with the system's message, and afterwards fsck is clean, the half image is not
 /// listed, its staged objects are gone, and a small import fits again.

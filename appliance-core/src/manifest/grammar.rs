@@ -2,7 +2,7 @@
 //!
 //! These are deliberately strict. Values from a manifest end up in passwd files, unit names,
 //! kernel command lines and file paths; a grammar that admits `;`, `$(`, newlines or `..`
-//! would let a manifest smuggle something a reviewer did not see (HOSTILE.md item 28). Every
+//! would let a manifest smuggle something a reviewer did not see (docs/HOSTILE.md item 28). Every
 //! check is pure and total: any `&str` gives `Ok` or a message, never a panic.
 
 use serde::Serialize;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::grammar::{self, Grammar};
 
 /// The largest disk an output may ask for. Bigger requests are typos or attacks
-/// (HOSTILE.md item 25); 16 TiB is the ext4 limit with 4 KiB blocks.
+/// (docs/HOSTILE.md item 25); 16 TiB is the ext4 limit with 4 KiB blocks.
 pub const MAX_DISK_BYTES: u64 = 16 << 40;
 /// The smallest disk that holds an ESP and a Debian root.
 pub const MIN_DISK_BYTES: u64 = 64 << 20;

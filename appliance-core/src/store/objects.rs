@@ -105,7 +105,7 @@ pub type ObjectReader = io::BufReader<VerifyingReader<File>>;
 pub const READ_CHUNK: usize = 256 * 1024;
 
 /// A reader that hashes what it reads and fails at EOF when the content is not the object
-/// it claims to be (HOSTILE.md item 31: a flipped bit fails the read, the build fails closed).
+/// it claims to be (docs/HOSTILE.md item 31: a flipped bit fails the read, the build fails closed).
 #[derive(Debug)]
 pub struct VerifyingReader<R> {
     inner: R,

@@ -1,4 +1,4 @@
-//! A tar reader that bounds everything it reads (HOSTILE.md items 14, 18, 20–24).
+//! A tar reader that bounds everything it reads (docs/HOSTILE.md items 14, 18, 20–24).
 //!
 //! The `tar` crate reads GNU long-name and PAX extension members whole into memory, whatever
 //! size their header claims; this reader caps them, rejects what it does not understand
@@ -232,7 +232,7 @@ impl<R: Read> TarReader<R> {
                     })?;
                 // A header size of 0 with a PAX size is how >8 GiB files are written;
                 // anything else that disagrees is the differential GNU tar and others
-                // resolve differently (HOSTILE.md 18).
+                // resolve differently (docs/HOSTILE.md 18).
                 if size != 0 && size != pax_size {
                     return Err(TarError::AmbiguousSize {
                         path,

@@ -1,7 +1,7 @@
 //! An image's root tree as data: every entry with its metadata, keyed by its path inside the
 //! image. Importers build a [`Tree`] entry by entry; nothing is created on the host.
 //!
-//! Invariants kept by [`Tree::insert`] (HOSTILE.md items 1–12):
+//! Invariants kept by [`Tree::insert`] (docs/HOSTILE.md items 1–12):
 //! - paths are normalized, relative to the root (`""` is the root), without `.`/`..`;
 //! - the root is always a directory;
 //! - no entry lies beneath a symlink: the parent of a new entry is resolved *in the root*

@@ -2,7 +2,7 @@
 //! [`Tree`] plus staged objects. Nothing is ever created on the host at an entry's path: the
 //! tree is data, file content goes to the object staging area under its digest.
 //!
-//! Everything read from outside is bounded (HOSTILE.md 20–24): entry count, decompressed size
+//! Everything read from outside is bounded (docs/HOSTILE.md 20–24): entry count, decompressed size
 //! (absolute, and as a ratio to the compressed bytes read), zstd window, metadata members (in
 //! the tar reader). By source: [`tar`], [`directory`] (and an overlay's upper layer), [`oci`]
 //! layouts and layers, around the shared [`Builder`] and [`Limits`] here.
@@ -34,7 +34,7 @@ pub const MAX_DECOMPRESSED_BYTES: u64 = 64 << 30;
 /// 64 MiB allowance) is a decompression bomb.
 pub const MAX_COMPRESSION_RATIO: u64 = 100;
 /// zstd frames may ask for a window up to 2^31 bytes; we allow 2^27 (128 MiB), the
-/// reference encoder's maximum for levels up to 19 (HOSTILE.md 21).
+/// reference encoder's maximum for levels up to 19 (docs/HOSTILE.md 21).
 pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 
 /// Bounds for one import; [`Limits::default`] holds the documented constants. Tests lower

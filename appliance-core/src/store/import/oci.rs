@@ -16,7 +16,7 @@ use crate::store::tree::{Tree, hex};
 
 /// Import an OCI image layout: the image of `index.json`'s manifest for linux/amd64 (or its
 /// only manifest), layers applied in order with whiteouts. Every blob is checked against its
-/// descriptor's size and digest before its content counts (HOSTILE.md 19).
+/// descriptor's size and digest before its content counts (docs/HOSTILE.md 19).
 pub fn import_oci_layout(
     layout: &Path,
     staging: &mut Staging,
