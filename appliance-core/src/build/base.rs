@@ -124,6 +124,18 @@ pub fn update(report: &CheckReport, store: &Store, reporter: &Reporter) -> anyho
 }
 
 impl Context<'_> {
+    /// The registry a base image comes from when the store lacks it: the node's
+    /// `registry=`, else the workspace default (`APPLIANCE_REGISTRY`), with the span to blame.
+    pub(super) fn base_registry(
+        &self,
+        written: Option<&crate::manifest::model::Spanned<String>>,
+        base_span: Span,
+    ) -> Option<(String, Span)> {
+        written
+            .map(|r| (r.value.clone(), r.span))
+            .or_else(|| self.options.registry.clone().map(|r| (r, base_span)))
+    }
+
     pub(super) fn resolve_base(
         &mut self,
         site: &Site<'_>,
@@ -251,10 +263,7 @@ impl Context<'_> {
         else {
             return Ok(());
         };
-        let registry = registry
-            .as_ref()
-            .map(|r| (r.value.clone(), r.span))
-            .or_else(|| self.options.registry.clone().map(|r| (r, base_node.span)));
+        let registry = self.base_registry(registry.as_ref(), base_node.span);
         let base = self.resolve_base(
             site,
             base_node.span,

@@ -487,10 +487,7 @@ impl<'a> Context<'a> {
                 version,
                 registry,
             } => {
-                let registry = registry
-                    .as_ref()
-                    .map(|r| (r.value.clone(), r.span))
-                    .or_else(|| self.options.registry.clone().map(|r| (r, base_node.span)));
+                let registry = self.base_registry(registry.as_ref(), base_node.span);
                 let image = match reused("base") {
                     Some(image) => image,
                     None => self.resolve_base(

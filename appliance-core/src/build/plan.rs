@@ -283,10 +283,7 @@ impl Context<'_> {
                 version,
                 registry,
             } => {
-                let registry = registry
-                    .as_ref()
-                    .map(|r| (r.value.clone(), r.span))
-                    .or_else(|| self.options.registry.clone().map(|r| (r, base_node.span)));
+                let registry = self.base_registry(registry.as_ref(), base_node.span);
                 match self.find_base(
                     site,
                     base_node.span,
