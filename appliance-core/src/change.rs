@@ -202,6 +202,22 @@ pub static CHANGE_KINDS: &[ChangeKind] = &[
         learnt: Learnt::Never,
     },
     ChangeKind {
+        name: "timezone",
+        description: "the time zone set (/etc/localtime); a site's choice, never learnt",
+        verb: "set the time zone",
+        suggestion: "consider the time zone `{}`",
+        anchor: Anchor::Appliance,
+        learnt: Learnt::Never,
+    },
+    ChangeKind {
+        name: "locale",
+        description: "the default locale set (`LANG` in /etc/default/locale); never learnt",
+        verb: "set the locale",
+        suggestion: "consider the locale `{}`",
+        anchor: Anchor::Appliance,
+        learnt: Learnt::Never,
+    },
+    ChangeKind {
         name: "kernel-cmdline",
         description: "the kernel command line set (/etc/kernel/cmdline); unique per \
                       appliance, never learnt",
@@ -250,6 +266,57 @@ pub const PLUMBING_UNITS: &[&str] = &[
     "systemd-networkd-wait-online.service",
     "systemd-network-generator.service",
     "dbus-org.freedesktop.network1.service",
+];
+
+/// What a running system writes by itself, which `cargo appliance capture` leaves out of a
+/// test drive's changes: (glob over image paths, why). Globs as `capture { ignore }` takes
+/// them (`*` within a component, `**` across). The reference lists them.
+pub const CAPTURE_NOISE: &[(&str, &str)] = &[
+    ("/var/log/**", "logs and the journal"),
+    ("/var/cache/**", "caches (apt's, man-db's, …)"),
+    ("/var/tmp/**", "temporary files"),
+    ("/tmp/**", "temporary files"),
+    ("/run/**", "runtime state"),
+    (
+        "/var/lib/systemd/**",
+        "systemd's state: random seed, timers, clock",
+    ),
+    ("/var/lib/dhcp/**", "DHCP leases"),
+    ("/var/lib/private/**", "state of DynamicUser= services"),
+    ("/var/lib/sudo/**", "sudo's lecture and timestamps"),
+    ("/var/lib/logrotate/**", "logrotate's state"),
+    (
+        "/var/lib/dpkg/**",
+        "dpkg's database (its packages are captured from it)",
+    ),
+    (
+        "/var/lib/apt/**",
+        "apt's state (manual installs are captured from it)",
+    ),
+    ("/var/lib/ucf/**", "ucf's checksums"),
+    ("/var/lib/man-db/**", "man-db's state"),
+    ("/var/backups/**", "daily backups of the account databases"),
+    (
+        "/etc/machine-id",
+        "the machine's identity, made at first boot",
+    ),
+    (
+        "/var/lib/dbus/machine-id",
+        "the machine's identity, made at first boot",
+    ),
+    ("/etc/ssh/ssh_host_*", "SSH host keys, made at first boot"),
+    ("/etc/fstab", "written by the disk output"),
+    ("/etc/ld.so.cache", "made by ldconfig"),
+    ("/etc/adjtime", "the clock's drift"),
+    ("/etc/.pwd.lock", "the account databases' lock"),
+    ("/root/.ssh/authorized_keys", "the test drive's own key"),
+    ("/**/.bash_history", "shell history"),
+    ("/**/.lesshst", "less's history"),
+    ("/**/.viminfo", "vim's history"),
+    ("/**/.wget-hsts", "wget's HSTS cache"),
+    ("/**/.cache/**", "per-user caches"),
+    ("/**/.local/state/**", "per-user state"),
+    ("/**/.sudo_as_admin_successful", "sudo's first-use marker"),
 ];
 
 /// Whether a change is a choice someone made, worth learning from and suggesting: its kind

@@ -7,6 +7,7 @@
 //! line (clap types, dispatch, the printer, the store commands).
 
 pub mod build;
+pub mod capture;
 pub mod change;
 pub mod check;
 pub mod cli;

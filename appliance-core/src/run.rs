@@ -2,7 +2,8 @@
 //! (OVMF), the serial console on the terminal and the manifest's `forward` ports on loopback.
 //! KVM when `/dev/kvm` is usable; when KVM fails under the firmware (it does on some hosts:
 //! "KVM internal error … emulation failure"), the VM is restarted under TCG. The disk is
-//! opened with `-snapshot`: a test drive never changes the build's output.
+//! opened with `-snapshot`: a test drive never changes the build's output (`run --capture`
+//! boots a copy of it instead, kept for `capture`).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,9 @@ pub struct RunOptions {
     pub interactive: bool,
     /// SSH into the test drive: a forwarded port and a key for root.
     pub ssh: Option<TestDriveSsh>,
+    /// Open the disk with `-snapshot` (writes go to a temporary file QEMU deletes); off for
+    /// `run --capture`, whose disk is a copy kept for `capture`.
+    pub snapshot: bool,
 }
 
 /// What `cargo appliance ssh` needs of a running test drive: root's test-drive key goes in as
@@ -112,7 +116,10 @@ fn qemu_option_value(path: &Path) -> String {
 
 fn qemu_command(options: &RunOptions, accel: Accel, vars: &Path, code: &Path) -> Command {
     let mut command = crate::process::dies_with_us("qemu-system-x86_64");
-    command.args(["-machine", "q35", "-nographic", "-no-reboot", "-snapshot"]);
+    command.args(["-machine", "q35", "-nographic", "-no-reboot"]);
+    if options.snapshot {
+        command.arg("-snapshot");
+    }
     command.args(["-m", &options.memory_mib.to_string(), "-smp", "2"]);
     match accel {
         Accel::Kvm => command.args(["-accel", "kvm", "-cpu", "host"]),
@@ -394,6 +401,7 @@ mod tests {
             memory_mib: 512,
             serial_log: None,
             interactive: false,
+            snapshot: true,
             ssh: Some(TestDriveSsh {
                 port: 2222,
                 public_key: "ssh-ed25519 AAAA test".into(),

@@ -26,7 +26,7 @@ const LAYERS: &[&[&str]] = &[
     &["workspace", "store"],
     &["check", "packages", "history", "run"],
     &["output", "suggest"],
-    &["registry"],
+    &["registry", "capture"],
     &["build"],
     &["cli"],
 ];

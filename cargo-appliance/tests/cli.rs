@@ -174,3 +174,25 @@ fn check_does_not_approve_files_under_git_that_build_would_not_copy() {
         "{stderr}"
     );
 }
+
+/// `capture` says what to do first, before building anything: boot a test drive to capture,
+/// and only appliances with a disk have one.
+#[test]
+fn capture_without_a_test_drive_says_how_to_start_one() {
+    let output = run(&demo(), &["capture", "-a", "web"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "`web` has no test drive to capture; boot one with `cargo appliance run --capture -a web`"
+        ),
+        "{stderr}"
+    );
+    let output = run(&demo(), &["capture", "-a", "web-debug"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("appliance `web-debug` has no disk output"),
+        "{stderr}"
+    );
+}

@@ -24,6 +24,7 @@ pub(super) fn appliance_config(appliance: &Appliance) -> serde_json::Value {
             "outputs",
             "forwards",
             "suggest",
+            "capture",
             "packages",
             "remove",
             "base",

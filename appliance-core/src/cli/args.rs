@@ -76,6 +76,9 @@ pub enum Command {
     Run(RunArgs),
     /// Log in to the running test drive over SSH (as root, with the test drive's own key)
     Ssh(SshArgs),
+    /// Turn what was done in a `run --capture` test drive into manifest edits (packages,
+    /// files, users, groups, services, host name, time zone, locale); --apply makes them
+    Capture(CaptureArgs),
     /// Re-resolve bases to the newest stored images and drop package pins in Appliance.lock
     Update(CheckArgs),
     /// List the images in the store
@@ -334,6 +337,20 @@ pub struct RunArgs {
     /// Memory of the VM in MiB
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
     pub memory: u32,
+    /// Boot a writable copy of the disk kept in target/appliance/NAME/testdrive/ (booted
+    /// again while the image is the same) instead of a throwaway snapshot, for `capture`
+    #[arg(long)]
+    pub capture: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// The appliance whose test drive to capture (needed when several have disk outputs)
+    #[arg(short = 'a', long = "appliance", value_name = "NAME")]
+    pub appliance: Option<String>,
+    /// Write the captured files into the workspace and the edits into the manifest
+    #[arg(long)]
+    pub apply: bool,
 }
 
 #[derive(Debug, Args)]

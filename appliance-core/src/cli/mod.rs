@@ -93,6 +93,7 @@ fn run_command(cli: &Cli) -> ExitCode {
         Command::Update(args) => workspace::run_update(global, args),
         Command::Run(args) => vm::run_vm(global, args),
         Command::Ssh(args) => stored(vm::ssh(global, args)),
+        Command::Capture(args) => stored(vm::capture(global, args)),
         Command::Images(args) => store(StoreCommand::Images(args)),
         Command::Image(command) => store(StoreCommand::Image(command)),
         Command::Base(command) => store(StoreCommand::Base(command)),

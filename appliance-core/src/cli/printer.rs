@@ -108,6 +108,93 @@ pub(crate) fn emit(global: &GlobalArgs, diagnostics: &[Diagnostic]) {
     }
 }
 
+/// `capture`'s findings: each change with the node that says it, then what was left out. As
+/// JSON, one line per change (`"reason": "capture-item"`) and a summary line.
+pub(crate) fn print_capture(
+    global: &GlobalArgs,
+    capture: &crate::capture::Capture,
+    skipped: &[String],
+) -> anyhow::Result<()> {
+    use crate::capture::Action;
+    if global.message_format == MessageFormat::Json {
+        for item in &capture.items {
+            print_json(&serde_json::json!({
+                "reason": "capture-item",
+                "appliance": capture.appliance,
+                "item": item,
+            }))?;
+        }
+        print_json(&serde_json::json!({
+            "reason": "capture-summary",
+            "appliance": capture.appliance,
+            "image": capture.image,
+            "changes": capture.items.len(),
+            "ignored": capture.ignored,
+            "consequences": capture.consequences,
+            "files": capture.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            "skipped": skipped,
+        }))?;
+        return Ok(());
+    }
+    if capture.items.is_empty() {
+        outln!(
+            "Nothing to capture: the test drive of `{}` matches {} apart from what is left out below.",
+            capture.appliance,
+            capture.image
+        )?;
+    } else {
+        outln!(
+            "{} in the test drive of `{}` (compared with {}):",
+            super::plural(capture.items.len(), "change"),
+            capture.appliance,
+            capture.image
+        )?;
+    }
+    let width = capture
+        .items
+        .iter()
+        .map(|item| item.change.key().chars().count())
+        .max()
+        .unwrap_or(0)
+        .min(48);
+    for item in &capture.items {
+        let key = item.change.key();
+        let says = match &item.action {
+            Action::Node(node) => format!("+ {node}"),
+            Action::Unsay(what) => format!("- {what}"),
+            Action::Workspace(file) => {
+                format!("~ {file} (rewritten; its `copy` already puts it there)")
+            }
+            Action::Manual(why) => format!("by hand: {why}"),
+        };
+        outln!("  {key:<width$}  {says}")?;
+    }
+    let verbose = global.verbose > 0;
+    for (title, list) in [
+        ("left out as runtime noise", &capture.ignored),
+        (
+            "consequences the rebuild makes again",
+            &capture.consequences,
+        ),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        if verbose {
+            outln!("{} {title}:", list.len())?;
+            for (change, why) in list {
+                outln!("  {}  ({why})", change.key())?;
+            }
+        } else {
+            outln!("{} {title} (-v lists them)", list.len())?;
+        }
+    }
+    for path in skipped {
+        outln!("  not compared (its name is not UTF-8): {path}")?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

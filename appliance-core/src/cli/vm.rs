@@ -113,21 +113,38 @@ pub(super) fn ssh(global: &GlobalArgs, args: &SshArgs) -> anyhow::Result<ExitCod
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
-pub(super) fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let (_all, name) = test_drive_appliance(global, args.appliance.as_ref())?;
+/// What a test-drive command built: the checked workspace, the appliance's image and the
+/// disk output to boot.
+struct TestDriveBuild {
+    report: crate::check::CheckReport,
+    name: String,
+    image: crate::store::ImageRecord,
+    disk: std::path::PathBuf,
+    format: String,
+    store: crate::store::Store,
+    reporter: crate::build::progress::Reporter,
+}
+
+/// Check and build the appliance a test-drive command means (every step cached as in
+/// `build`); `None` when diagnostics were printed instead.
+fn build_for_test_drive(
+    global: &GlobalArgs,
+    chosen: Option<&String>,
+    format: Option<&str>,
+) -> anyhow::Result<Option<TestDriveBuild>> {
+    let (_all, name) = test_drive_appliance(global, chosen)?;
     let is_disk = crate::output::is_disk;
     let options = CheckOptions {
         manifest_path: global.manifest_path.clone(),
         appliances: vec![name.clone()],
     };
     let Some(report) = check_or_report(global, &options) else {
-        return Ok(ExitCode::FAILURE);
+        return Ok(None);
     };
     if report.has_errors() {
         emit(global, &report.diagnostics);
-        return Ok(ExitCode::FAILURE);
+        return Ok(None);
     }
-    crate::run::preflight()?;
     let store = store_commands::open_store(global)?;
     let reporter = crate::build::progress::Reporter::new(global.quiet, global.verbose > 0);
     let built = match crate::build::build(
@@ -139,12 +156,12 @@ pub(super) fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCo
         Ok(built) => built,
         Err(crate::build::BuildError::Diagnostics(diagnostics)) => {
             emit(global, &diagnostics);
-            return Ok(ExitCode::FAILURE);
+            return Ok(None);
         }
         Err(crate::build::BuildError::Other(error)) => return Err(error),
     };
     let done = built
-        .iter()
+        .into_iter()
         .find(|b| b.appliance == name)
         .context("the appliance was not built")?;
     let disk = done
@@ -155,32 +172,73 @@ pub(super) fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCo
                 .extension()
                 .and_then(|e| e.to_str())
                 .unwrap_or_default();
-            match &args.format {
+            match format {
                 Some(format) => extension == format,
                 None => is_disk(extension),
             }
         })
-        .with_context(|| {
-            format!(
-                "`{name}` has no {} output",
-                args.format.as_deref().unwrap_or("disk")
-            )
-        })?;
-    let appliance = report
-        .appliances()
-        .find(|(_, a)| a.name.value == name)
-        .map(|(_, a)| a)
-        .context("the appliance vanished")?;
+        .with_context(|| format!("`{name}` has no {} output", format.unwrap_or("disk")))?
+        .clone();
     let format = disk
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("raw")
         .to_owned();
+    Ok(Some(TestDriveBuild {
+        report,
+        name,
+        image: done.image,
+        disk,
+        format,
+        store,
+        reporter,
+    }))
+}
+
+pub(super) fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    crate::run::preflight()?;
+    let Some(TestDriveBuild {
+        report,
+        name,
+        image,
+        disk,
+        format,
+        store: _store,
+        reporter,
+    }) = build_for_test_drive(global, args.appliance.as_ref(), args.format.as_deref())?
+    else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let appliance = report
+        .appliances()
+        .find(|(_, a)| a.name.value == name)
+        .map(|(_, a)| a)
+        .context("the appliance vanished")?;
     // The test drive: its console in a log file as well, its SSH key and port for
     // `cargo appliance ssh` (never in the image or the output: see run::TestDriveSsh).
     use std::io::IsTerminal as _;
     let drive = crate::run::test_drive_dir(&report.workspace.target_dir, &name);
     fs_err::create_dir_all(&drive)?;
+    // `--capture`: a writable copy of the disk that outlives the VM, for `capture`.
+    let (disk, format, snapshot) = if args.capture {
+        let (copy, prepared) = crate::capture::prepare_disk(&drive, &disk, &format, &image)?;
+        reporter.status(
+            "Capture",
+            &match prepared {
+                crate::capture::Prepared::Fresh => format!(
+                    "booting a writable copy of the disk ({}); after power-off, `cargo appliance capture -a {name}` turns the changes into manifest edits",
+                    copy.display()
+                ),
+                crate::capture::Prepared::Continued => format!(
+                    "continuing the test drive in {} (made from the same image)",
+                    copy.display()
+                ),
+            },
+        );
+        (copy, "raw".to_owned(), false)
+    } else {
+        (disk, format, true)
+    };
     let serial_log = drive.parent().map(|dir| dir.join("serial.log"));
     let ssh = if crate::process::host::missing(crate::process::host::Need::Ssh).is_empty() {
         let (key, public_key) = crate::run::test_drive_key(&drive)?;
@@ -217,6 +275,7 @@ pub(super) fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCo
         &crate::run::RunOptions {
             disk: disk.clone(),
             format,
+            snapshot,
             forwards: appliance.forwards.clone(),
             kvm: !args.no_kvm,
             timeout: args.timeout.map(std::time::Duration::from_secs),
@@ -240,4 +299,82 @@ pub(super) fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCo
         }
         code => anyhow::bail!("qemu exited with {code:?}"),
     }
+}
+
+/// `cargo appliance capture`: the test drive's changes against the appliance's image as it
+/// builds now, printed as the manifest edits that say them; `--apply` makes them.
+pub(super) fn capture(global: &GlobalArgs, args: &CaptureArgs) -> anyhow::Result<ExitCode> {
+    // Whether there is a stopped test drive to capture, before any build.
+    let (all, name) = test_drive_appliance(global, args.appliance.as_ref())?;
+    let drive = crate::run::test_drive_dir(&all.workspace.target_dir, &name);
+    let disk_path = crate::capture::disk_path(&drive);
+    if !disk_path.is_file() {
+        anyhow::bail!(
+            "`{name}` has no test drive to capture; boot one with `cargo appliance run --capture -a {name}`, change it, power it off, then capture"
+        );
+    }
+    if let Ok(data) = fs_err::read(drive.join("ssh.json"))
+        && let Ok(state) = serde_json::from_slice::<crate::run::TestDriveState>(&data)
+        && std::path::Path::new(&format!("/proc/{}", state.pid)).exists()
+    {
+        anyhow::bail!(
+            "the test drive of `{name}` is still running; power it off first (`cargo appliance ssh -a {name} -- systemctl poweroff`)"
+        );
+    }
+    let Some(built) = build_for_test_drive(global, Some(&name), None)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let name = &built.name;
+    let (manifest, appliance) = built
+        .report
+        .appliances()
+        .find(|(_, a)| a.name.value == *name)
+        .context("the appliance vanished")?;
+    built.reporter.status(
+        "Reading",
+        &format!("the test drive's disk {}", disk_path.display()),
+    );
+    let disk = crate::capture::disk::read_root(&disk_path)?;
+    let catalog = built.store.read_catalog()?;
+    let packages = catalog.packages(built.image.id)?;
+    let tree = built.store.tree(&built.image)?;
+    let objects = built.store.objects();
+    let read = |digest: &str| objects.read(digest);
+    let captured = crate::capture::compare(
+        &crate::capture::ImageSide {
+            reference: built.image.reference(),
+            tree: &tree,
+            packages: &packages,
+            read: &read,
+        },
+        &crate::store::diff::Side {
+            tree: &disk.tree,
+            packages: &disk.packages,
+            read: &|digest: &str| disk.read(digest),
+        },
+        manifest,
+        appliance,
+    )?;
+    drop(catalog);
+    super::printer::print_capture(global, &captured, &disk.skipped)?;
+    if args.apply && !captured.is_empty() {
+        crate::capture::apply(&captured, manifest, &built.report.workspace.root)?;
+        crate::capture::mark_captured(&drive)?;
+        built.reporter.status(
+            "Applied",
+            &format!(
+                "{} to {}; `cargo appliance build -a {name}` builds them",
+                super::plural(captured.items.len(), "change"),
+                manifest.source.display_name
+            ),
+        );
+    } else if args.apply {
+        crate::capture::mark_captured(&drive)?;
+    } else if !captured.is_empty() {
+        built.reporter.status(
+            "Apply",
+            &format!("with `cargo appliance capture -a {name} --apply`"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -192,9 +192,7 @@ pub(super) fn apply_suggestions(
             emit(global, &problems);
             anyhow::bail!("the edited {display} would not parse; it was left as it was");
         }
-        let temp = path.with_extension("kdl.applying");
-        fs_err::write(&temp, &edited)?;
-        fs_err::rename(&temp, path)?;
+        crate::suggest::apply::replace_file(path, edited.as_bytes(), 0o644)?;
         if !global.quiet && global.message_format == MessageFormat::Human {
             let _ = writeln!(
                 std::io::stderr().lock(),

@@ -333,6 +333,17 @@ fn check_suggestion_key(value: &str) -> Result<(), String> {
     }
 }
 
+/// A glob over image paths (`/var/lib/app/**`): absolute, without `..`, and one globset
+/// accepts (`*` stays within a component, `**` crosses them).
+fn check_image_glob(value: &str) -> Result<(), String> {
+    check_image_path(value)?;
+    globset::GlobBuilder::new(value)
+        .literal_separator(true)
+        .build()
+        .map(drop)
+        .map_err(|e| format!("is not a glob: {}", e.kind()))
+}
+
 /// A crypt(3) hash as `/etc/shadow` holds it: `$id$[params$]salt$hash` with a known scheme
 /// (yescrypt `$y$`, `$gy$`, `$7$`, bcrypt `$2b$`/`$2a$`/`$2y$`, SHA-512 `$6$`, SHA-256
 /// `$5$`), or `!`/`*` for a locked password. Anything else is refused, a clear-text password
@@ -570,6 +581,12 @@ grammar!(
     "an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`"
 );
 grammar!(
+    IMAGE_GLOB,
+    "image-glob",
+    check_image_glob,
+    "an absolute glob over image paths: `*` within a component, `**` across them, e.g. `/var/lib/app/**`"
+);
+grammar!(
     SUGGESTION_KEY,
     "suggestion-key",
     check_suggestion_key,
@@ -659,7 +676,7 @@ mod tests {
 
     #[test]
     fn ordinary_values_are_accepted() {
-        let cases: [(&Grammar, &str); 14] = [
+        let cases: [(&Grammar, &str); 15] = [
             (&APPLIANCE_NAME, "web-1"),
             (&IMAGE_NAME, "debian/bookworm"),
             (&PACKAGE_NAME, "libstdc++6"),
@@ -674,6 +691,7 @@ mod tests {
             (&IMAGE_PATH, "/etc/nginx/"),
             (&SOURCE_PATH, "static/**/*.html"),
             (&SUGGESTION_KEY, "package-added:vim"),
+            (&IMAGE_GLOB, "/var/lib/app/**"),
         ];
         for (grammar, value) in cases {
             assert_eq!(
@@ -692,5 +710,8 @@ mod tests {
         assert!(check_image_path(&format!("/{}", "a".repeat(300))).is_err());
         assert!(check_source_path("/etc/shadow").is_err());
         assert!(check_source_path("a\0b").is_err());
+        assert!(check_image_glob("/srv/../etc/*").is_err());
+        assert!(check_image_glob("srv/*").is_err());
+        assert!(check_image_glob("/srv/[").is_err());
     }
 }

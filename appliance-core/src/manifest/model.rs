@@ -54,6 +54,7 @@ pub struct Appliance {
     pub forwards: Vec<Forward>,
     pub outputs: Vec<Output>,
     pub suggest: SuggestSettings,
+    pub capture: CaptureSettings,
     pub env: Vec<EnvVar>,
     pub mkdirs: Vec<MakeDir>,
     pub symlinks: Vec<Symlink>,
@@ -203,6 +204,13 @@ pub struct SuggestSettings {
     pub limit: Option<u32>,
     pub min_support: Option<f64>,
     pub min_confidence: Option<f64>,
+    pub ignore: Vec<Spanned<String>>,
+}
+
+/// `capture { ignore "GLOB"… }`: image paths a test drive's capture leaves out.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CaptureSettings {
+    pub span: Option<Span>,
     pub ignore: Vec<Spanned<String>>,
 }
 

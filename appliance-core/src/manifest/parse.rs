@@ -214,6 +214,7 @@ fn build_appliance(
         forwards: Vec::new(),
         outputs: Vec::new(),
         suggest: SuggestSettings::default(),
+        capture: CaptureSettings::default(),
         env: Vec::new(),
         mkdirs: Vec::new(),
         symlinks: Vec::new(),
@@ -376,6 +377,16 @@ fn build_appliance(
                     limit: child.int_prop("limit").map(|n| n as u32),
                     min_support: child.float_prop("min-support"),
                     min_confidence: child.float_prop("min-confidence"),
+                    ignore: child
+                        .children
+                        .iter()
+                        .flat_map(|ignore| ignore.str_args().map(spanned))
+                        .collect(),
+                };
+            }
+            "capture" => {
+                appliance.capture = CaptureSettings {
+                    span: Some(child.span),
                     ignore: child
                         .children
                         .iter()

@@ -309,6 +309,13 @@ fn change_kinds_markdown(out: &mut String) {
         list(PLUMBING_DIRS),
         list(PLUMBING_UNITS)
     );
+    out.push_str(
+        "\n`cargo appliance capture` leaves out what a running system writes by itself (and \
+         the globs of `capture { ignore }`):\n\n| paths | why |\n|---|---|\n",
+    );
+    for (glob, why) in crate::change::CAPTURE_NOISE {
+        let _ = writeln!(out, "| `{glob}` | {why} |");
+    }
 }
 
 #[cfg(test)]

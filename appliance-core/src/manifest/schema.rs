@@ -284,8 +284,17 @@ static SUGGEST_CHILDREN: [NodeSpec; 1] = [node(
     r#"ignore "package-added:vim""#,
 )];
 
+static CAPTURE_CHILDREN: [NodeSpec; 1] = [node(
+    "ignore",
+    "Paths `capture` leaves out, on top of the runtime noise it always leaves out.",
+    args("image glob", string(&grammar::IMAGE_GLOB), 1, None),
+    &[],
+    Repeat::Many,
+    r#"ignore "/var/lib/app/cache/**""#,
+)];
+
 /// The children of an `appliance` node, in the order the reference documents them.
-static APPLIANCE_CHILDREN: [NodeSpec; 21] = [
+static APPLIANCE_CHILDREN: [NodeSpec; 22] = [
     node(
         "description",
         "One line saying what the appliance is for.",
@@ -620,6 +629,17 @@ static APPLIANCE_CHILDREN: [NodeSpec; 21] = [
             r#"suggest limit=5 { ignore "package-added:vim" }"#,
         )
     },
+    NodeSpec {
+        children: &CAPTURE_CHILDREN,
+        ..node(
+            "capture",
+            "Tune `cargo appliance capture`, which turns a test drive's changes into manifest edits.",
+            None,
+            &[],
+            Repeat::Once,
+            r#"capture { ignore "/var/lib/app/cache/**" }"#,
+        )
+    },
     node(
         "env",
         "An environment variable written to `/etc/environment`: name (env-name), then value.",
@@ -705,6 +725,7 @@ pub static GRAMMARS: &[&Grammar] = &[
     &grammar::OCI_TAG,
     &grammar::ENV_NAME,
     &grammar::SUGGESTION_KEY,
+    &grammar::IMAGE_GLOB,
 ];
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ impl HostProgram {
 pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram::new("setpriv", "util-linux", &[Need::Sandbox, Need::Disk, Need::Qcow2, Need::Boot, Need::BaseCreate]),
     HostProgram::new("unshare", "util-linux", &[Need::Sandbox, Need::Tests]),
+    HostProgram::new("apt-get", "apt", &[Need::Tests]),
     HostProgram::new("nsenter", "util-linux", &[Need::Sandbox]),
     HostProgram::new("chroot", "coreutils", &[Need::Sandbox, Need::Tests]),
     HostProgram::new("mount", "mount", &[Need::Sandbox]),

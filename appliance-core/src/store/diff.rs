@@ -254,6 +254,22 @@ fn md5_hex(data: &[u8]) -> String {
     crate::store::tree::hex(&md5::Md5::digest(data))
 }
 
+/// The zone `/etc/localtime` points at: `/usr/share/zoneinfo/Europe/Paris` → `Europe/Paris`.
+fn time_zone_of(target: &str) -> String {
+    target
+        .rsplit_once("zoneinfo/")
+        .map_or(target, |(_, zone)| zone)
+        .to_owned()
+}
+
+/// `LANG` of `/etc/default/locale` (`LANG=en_US.UTF-8`, maybe quoted).
+fn lang_of(text: &str) -> String {
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix("LANG="))
+        .map(|value| value.trim().trim_matches('"').trim_matches('\'').to_owned())
+        .unwrap_or_default()
+}
+
 /// Compare a parent and a child image.
 pub fn diff(parent: &Side<'_>, child: &Side<'_>) -> anyhow::Result<Vec<DiffEntry>> {
     let mut out = Vec::new();
@@ -362,6 +378,36 @@ pub fn diff(parent: &Side<'_>, child: &Side<'_>) -> anyhow::Result<Vec<DiffEntry
         ));
     }
 
+    let timezone = |side: &Side<'_>| -> String {
+        side.tree
+            .get("etc/localtime")
+            .filter(|entry| entry.kind == EntryKind::Symlink)
+            .and_then(|entry| entry.link_target.as_deref())
+            .map(time_zone_of)
+            .unwrap_or_default()
+    };
+    let (old_zone, new_zone) = (timezone(parent), timezone(child));
+    if old_zone != new_zone && !new_zone.is_empty() {
+        out.push(DiffEntry::new(
+            "timezone",
+            new_zone,
+            Some(format!("was {old_zone:?}")),
+        ));
+    }
+    let locale = |side: &Side<'_>| -> anyhow::Result<String> {
+        Ok(lang_of(
+            &text(side, "etc/default/locale")?.unwrap_or_default(),
+        ))
+    };
+    let (old_locale, new_locale) = (locale(parent)?, locale(child)?);
+    if old_locale != new_locale && !new_locale.is_empty() {
+        out.push(DiffEntry::new(
+            "locale",
+            new_locale,
+            Some(format!("was {old_locale:?}")),
+        ));
+    }
+
     let status = text(child, STATUS_PATH)?.unwrap_or_default();
     let mut conffiles = conffiles(&status);
     conffiles.extend(ucf_files(
@@ -369,11 +415,15 @@ pub fn diff(parent: &Side<'_>, child: &Side<'_>) -> anyhow::Result<Vec<DiffEntry
     ));
     let owned_after = owned_paths(child)?;
     let owned_before = owned_paths(parent)?;
+    // Files whose change is reported by its own kind above.
     let special = [
         "etc/passwd",
         "etc/group",
         "etc/hostname",
         "etc/kernel/cmdline",
+        "etc/localtime",
+        "etc/timezone",
+        "etc/default/locale",
     ];
     let is_noise = |path: &str| {
         NOISE.iter().any(|n| path.starts_with(n))

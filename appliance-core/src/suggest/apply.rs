@@ -42,6 +42,15 @@ pub fn edit_for(file: &SourceFile, appliance: &Appliance, change: &Change) -> Op
 
 /// Insert `node` as the last child of the appliance's block.
 fn new_node(file: &SourceFile, appliance: &Appliance, node: &str) -> Option<Edit> {
+    new_nodes(file, appliance, &[node.to_owned()])
+}
+
+/// Insert `nodes`, in order, as the last children of the appliance's block: one edit, so
+/// several new nodes do not compete for the same offset.
+pub fn new_nodes(file: &SourceFile, appliance: &Appliance, nodes: &[String]) -> Option<Edit> {
+    if nodes.is_empty() {
+        return None;
+    }
     let text = file.text();
     let start = appliance.span.offset;
     let end = start.checked_add(appliance.span.len)?.min(text.len());
@@ -51,7 +60,11 @@ fn new_node(file: &SourceFile, appliance: &Appliance, node: &str) -> Option<Edit
     let indent = child_indent(text, appliance).unwrap_or_else(|| "    ".to_owned());
     let (offset, replacement) = if text[line_start..close].trim().is_empty() {
         // `}` on a line of its own: a new line before it.
-        (line_start, format!("{indent}{node}\n"))
+        let lines: String = nodes
+            .iter()
+            .map(|node| format!("{indent}{node}\n"))
+            .collect();
+        (line_start, lines)
     } else {
         // `{ base "x" }` on one line: a `;` ends the previous node.
         let before = text[..close].trim_end();
@@ -60,7 +73,7 @@ fn new_node(file: &SourceFile, appliance: &Appliance, node: &str) -> Option<Edit
         } else {
             "; "
         };
-        (before.len(), format!("{separator}{node} "))
+        (before.len(), format!("{separator}{} ", nodes.join("; ")))
     };
     Some(Edit {
         file: file.display_name.clone(),
@@ -105,6 +118,17 @@ pub fn apply_edits(text: &str, edits: &[&Edit]) -> anyhow::Result<String> {
         out.replace_range(edit.offset..end, &edit.replacement);
     }
     Ok(out)
+}
+
+/// Replace a file with `bytes` through a uniquely named temporary file beside it and a
+/// rename, so a reader sees the old content or the new; the file keeps its permissions (a new
+/// one gets `new_mode`).
+pub fn replace_file(path: &std::path::Path, bytes: &[u8], new_mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).map_or(new_mode, |m| m.permissions().mode() & 0o7777);
+    crate::json_file::write_bytes_atomically(path, bytes, "file-renaming")?;
+    fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
 }
 
 /// The suggestions among `diagnostics` whose key (`kind:subject`) is in `keys`, grouped by
