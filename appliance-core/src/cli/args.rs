@@ -219,8 +219,18 @@ pub enum HistoryCommand {
     Rebuild,
     /// Leave-one-out recall@5/@10 of the suggestions and of a popularity baseline
     Evaluate {
-        /// Evaluate on this file's derivations instead of the store's history
+        /// Evaluate on this file's derivations instead of the store's history (with
+        /// --held-out: instead of the shipped seed corpus)
         file: Option<PathBuf>,
+        /// Split the derivations into train and test parts by a hash of their record ids,
+        /// rank from the train part only, and report each change kind next to popularity and
+        /// plain co-occurrence on the same trials
+        #[arg(long)]
+        held_out: bool,
+        /// With --held-out: trials from a validation fifth of the train part instead of the
+        /// test part, for tuning without ever looking at the test part
+        #[arg(long, requires = "held_out")]
+        validation: bool,
     },
 }
 

@@ -442,7 +442,35 @@ pub(crate) fn run_store_command(
             }
         }
         StoreCommand::History(HistoryArgs {
-            command: Some(HistoryCommand::Evaluate { file }),
+            command:
+                Some(HistoryCommand::Evaluate {
+                    file,
+                    held_out: true,
+                    validation,
+                }),
+        }) => {
+            let derivations = match file {
+                Some(file) => {
+                    let conn = duckdb::Connection::open_in_memory()?;
+                    history::read_file(&conn, file)?
+                }
+                None => crate::history::seed::derivations()?,
+            };
+            use crate::suggest::evaluate::{Part, held_out};
+            let part = if *validation {
+                Part::Validation
+            } else {
+                Part::Test
+            };
+            let evaluation = held_out(&derivations, part);
+            if json {
+                print_json(&evaluation)?;
+            } else {
+                print_held_out(&evaluation)?;
+            }
+        }
+        StoreCommand::History(HistoryArgs {
+            command: Some(HistoryCommand::Evaluate { file, .. }),
         }) => {
             let derivations = match file {
                 Some(file) => {
@@ -689,5 +717,50 @@ fn pull(global: &GlobalArgs, store: &Store, args: &crate::cli::PullArgs) -> anyh
             }
         ),
     );
+    Ok(())
+}
+
+/// The held-out evaluation as a table: each change kind, our ranking next to the baselines.
+fn print_held_out(evaluation: &crate::suggest::evaluate::HeldOut) -> anyhow::Result<()> {
+    use crate::suggest::evaluate::Part;
+    outln!(
+        "held out: {} {} derivations ({}), {} to learn from; one change hidden per trial",
+        evaluation.test,
+        match evaluation.part {
+            Part::Test => "test",
+            Part::Validation => "validation",
+        },
+        match evaluation.part {
+            Part::Test => "one in five by a hash of the record id",
+            Part::Validation => "a fifth of the train part; the test part unread",
+        },
+        evaluation.train
+    )?;
+    outln!(
+        "| kind | trials | suggestions @5 | @10 | popularity @5 | @10 | co-occurrence @5 | @10 | vs co-occurrence @5 | @10 |"
+    )?;
+    outln!("|---|---|---|---|---|---|---|---|---|---|")?;
+    for kind in &evaluation.kinds {
+        let ratio = |ours: f64, theirs: f64| {
+            if theirs > 0.0 {
+                format!("{:.2}x", ours / theirs)
+            } else {
+                "-".to_owned()
+            }
+        };
+        outln!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} |",
+            kind.kind,
+            kind.cases,
+            kind.suggestions.at_5,
+            kind.suggestions.at_10,
+            kind.popularity.at_5,
+            kind.popularity.at_10,
+            kind.cooccurrence.at_5,
+            kind.cooccurrence.at_10,
+            ratio(kind.suggestions.at_5, kind.cooccurrence.at_5),
+            ratio(kind.suggestions.at_10, kind.cooccurrence.at_10),
+        )?;
+    }
     Ok(())
 }

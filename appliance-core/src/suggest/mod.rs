@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod engine;
+pub mod evaluate;
 pub mod stats;
 
 use std::collections::BTreeMap;

@@ -99,11 +99,9 @@ impl Query {
                  SELECT a.ordinal, i.id AS item, ln((SELECT n FROM total) / i.derivations) AS idf
                  FROM asked a JOIN items i USING (kind, subject)
              ),
-             scope AS MATERIALIZED (
-                 SELECT id FROM derivations WHERE parent LIKE ",
-            )
-            .value(scope.pattern.to_owned())
-            .text(" ESCAPE '\\'");
+             pool AS MATERIALIZED (
+                 SELECT id, parent FROM derivations WHERE true",
+            );
         for appliance in scope.excluding {
             // Plain prefixes, not a regex: this runs on every derivation.
             query
@@ -121,21 +119,35 @@ impl Query {
                    AND id IN (SELECT max(id) FROM derivations WHERE origin = 'store'
                               GROUP BY parent, split_part(child, '@', 1))))",
         );
-        query.text(
-            "),
+        // Neighbours come from the whole pool (what any base's derivations share says what
+        // goes together), support and evidence from the scope (what is usual on this base).
+        query
+            .text(
+                "),
+             scope AS MATERIALIZED (SELECT id FROM pool WHERE parent LIKE ",
+            )
+            .value(scope.pattern.to_owned())
+            .text(
+                " ESCAPE '\\'),
              scope_size AS (SELECT count(*) AS n FROM scope),
+             pooled AS MATERIALIZED (
+                 SELECT c.derivation, c.item FROM changes c SEMI JOIN pool p ON c.derivation = p.id
+             ),
              scoped AS MATERIALIZED (
                  SELECT c.derivation, c.item FROM changes c SEMI JOIN scope s ON c.derivation = s.id
              ),
              support AS MATERIALIZED (SELECT item, count(*) AS n FROM scoped GROUP BY item),
              overlap AS MATERIALIZED (
                  SELECT c.derivation, sum(k.idf) AS shared
-                 FROM scoped c JOIN known k USING (item) GROUP BY c.derivation
+                 FROM pooled c JOIN known k USING (item) GROUP BY c.derivation
              ),
              neighbour_changes AS MATERIALIZED (
+                 SELECT c.derivation, c.item FROM pooled c SEMI JOIN overlap o USING (derivation)
+             ),
+             scoped_neighbour_changes AS MATERIALIZED (
                  SELECT c.derivation, c.item FROM scoped c SEMI JOIN overlap o USING (derivation)
              ),",
-        );
+            );
         query
     }
 
@@ -146,7 +158,7 @@ impl Query {
             "
              together AS (
                  SELECT g.item AS given, c.item AS candidate, count(*) AS n
-                 FROM neighbour_changes g JOIN neighbour_changes c USING (derivation)
+                 FROM scoped_neighbour_changes g JOIN scoped_neighbour_changes c USING (derivation)
                  WHERE g.item IN (SELECT item FROM known) AND c.item IN (SELECT item FROM candidates)
                  GROUP BY ALL
              )
