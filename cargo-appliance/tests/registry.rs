@@ -904,6 +904,49 @@ fn a_registry_with_tls_and_credentials_is_reached_as_the_container_tools_reach_i
     );
     assert!(pulled.status.success(), "{}", text(&pulled));
     assert_eq!(other.images(), source.images());
+
+    // A build pulls its base through the same TLS: `--cert-dir` reaches the base's pull.
+    let builder = Site::new();
+    builder.workspace_on("web", "edge\n");
+    let manifest = builder.workspace().join("appliance.kdl");
+    write(
+        &manifest,
+        &format!(
+            "appliance \"edge\" {{\n    base \"web\" registry=\"{host}/team\"\n    copy \"etc/motd\" to=\"/etc/motd\"\n}}\n"
+        ),
+    );
+    let cargo_toml = builder.workspace().join("Cargo.toml");
+    let cargo_toml = cargo_toml.to_string_lossy().into_owned();
+    let build = |cert_dir: &str| {
+        run(
+            &builder,
+            &[
+                "build",
+                "--manifest-path",
+                &cargo_toml,
+                "--cert-dir",
+                cert_dir,
+            ],
+            true,
+        )
+    };
+    let untrusted = build(&other_ca.join("ca").to_string_lossy());
+    assert!(!untrusted.status.success());
+    assert!(
+        text(&untrusted).contains("--cert-dir"),
+        "{}",
+        text(&untrusted)
+    );
+    let built = build(&ca);
+    assert!(built.status.success(), "{}", text(&built));
+    assert!(
+        builder
+            .images()
+            .iter()
+            .any(|(reference, _, _)| reference == "edge@1"),
+        "{:?}",
+        builder.images()
+    );
 }
 
 #[test]

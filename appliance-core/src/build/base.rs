@@ -314,7 +314,7 @@ impl Context<'_> {
                 .help("build once without --offline, or `cargo appliance pull` it first")
                 .into());
         }
-        let access = crate::registry::Access::default();
+        let access = self.options.access.clone();
         let (reference, version) = match source {
             BaseSource::Pinned { reference, version } => (
                 Reference::parse(&reference)

@@ -50,6 +50,8 @@ pub struct BuildOptions {
     pub offline: bool,
     /// `HOST[:PORT]/PREFIX` for bases without `registry=` (`APPLIANCE_REGISTRY`).
     pub registry: Option<String>,
+    /// TLS for pulled bases and `--push`: `--insecure`, `--cert-dir`.
+    pub access: crate::registry::Access,
 }
 
 /// One appliance built (or found up to date).

@@ -295,6 +295,7 @@ pub(super) fn run_build(global: &GlobalArgs, args: &BuildArgs) -> ExitCode {
         locked: args.locked,
         offline: args.offline,
         registry,
+        access: args.registry.access(),
     };
     if args.plan {
         return match crate::build::plan(&report, &store, &build_options, &reporter) {
