@@ -99,6 +99,10 @@ impl Query {
                  SELECT a.ordinal, i.id AS item, ln((SELECT n FROM total) / i.derivations) AS idf
                  FROM asked a JOIN items i USING (kind, subject)
              ),
+             known_weight AS (
+                 SELECT sum(coalesce(ln((SELECT n FROM total) / i.derivations), ln((SELECT n FROM total)))) AS k
+                 FROM asked a LEFT JOIN items i ON i.kind = a.kind AND i.subject = a.subject
+             ),
              pool AS MATERIALIZED (
                  SELECT id, parent FROM derivations WHERE true",
             );
@@ -130,22 +134,28 @@ impl Query {
             .text(
                 " ESCAPE '\\'),
              scope_size AS (SELECT count(*) AS n FROM scope),
-             pooled AS MATERIALIZED (
-                 SELECT c.derivation, c.item FROM changes c SEMI JOIN pool p ON c.derivation = p.id
-             ),
              scoped AS MATERIALIZED (
                  SELECT c.derivation, c.item FROM changes c SEMI JOIN scope s ON c.derivation = s.id
              ),
              support AS MATERIALIZED (SELECT item, count(*) AS n FROM scoped GROUP BY item),
-             overlap AS MATERIALIZED (
+             overlap_all AS MATERIALIZED (
                  SELECT c.derivation, sum(k.idf) AS shared
-                 FROM pooled c JOIN known k USING (item) GROUP BY c.derivation
+                 FROM changes c JOIN known k USING (item)
+                 WHERE c.derivation IN (SELECT id FROM pool)
+                 GROUP BY c.derivation
+             ),
+             overlap AS MATERIALIZED (
+                 SELECT * FROM overlap_all WHERE shared >= ",
+            )
+            .value(engine::MIN_SHARED)
+            .text(
+                " * (SELECT k FROM known_weight)
              ),
              neighbour_changes AS MATERIALIZED (
-                 SELECT c.derivation, c.item FROM pooled c SEMI JOIN overlap o USING (derivation)
+                 SELECT c.derivation, c.item FROM changes c SEMI JOIN overlap o USING (derivation)
              ),
              scoped_neighbour_changes AS MATERIALIZED (
-                 SELECT c.derivation, c.item FROM scoped c SEMI JOIN overlap o USING (derivation)
+                 SELECT c.derivation, c.item FROM scoped c SEMI JOIN overlap_all o USING (derivation)
              ),",
             );
         query
@@ -444,10 +454,6 @@ pub fn sql_suggest(
     query
         .text(
             "
-             known_weight AS (
-                 SELECT sum(coalesce(ln((SELECT n FROM total) / i.derivations), ln((SELECT n FROM total)))) AS k
-                 FROM asked a LEFT JOIN items i ON i.kind = a.kind AND i.subject = a.subject
-             ),
              sizes AS (
                  SELECT nc.derivation, sum(ln((SELECT n FROM total) / i.derivations)) AS size
                  FROM neighbour_changes nc JOIN items i ON i.id = nc.item GROUP BY nc.derivation
