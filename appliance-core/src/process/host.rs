@@ -89,7 +89,7 @@ pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram::new("kill", "procps", &[Need::Tests]),
     HostProgram::new("pgrep", "procps", &[Need::Tests]),
     HostProgram::new("head", "coreutils", &[Need::Tests]),
-    HostProgram::new("df", "coreutils", &[Need::Tests]),
+    HostProgram::new("du", "coreutils", &[Need::Tests]),
 ];
 
 /// The programs `need` wants that are not on PATH.
