@@ -110,24 +110,9 @@ fn accounts(text: &str) -> BTreeMap<String, Vec<String>> {
         .collect()
 }
 
-fn disk_text(disk: &Side<'_>, path: &str) -> anyhow::Result<String> {
-    match disk.tree.get(path).and_then(|e| e.digest.as_deref()) {
-        Some(digest) => Ok(String::from_utf8_lossy(&(disk.read)(digest)?).into_owned()),
-        None => Ok(String::new()),
-    }
-}
-
-/// Packages apt installed as dependencies, by `extended_states`.
-fn auto_installed(text: &str) -> BTreeSet<String> {
-    text.split("\n\n")
-        .filter(|stanza| stanza.lines().any(|l| l.trim() == "Auto-Installed: 1"))
-        .filter_map(|stanza| {
-            stanza
-                .lines()
-                .find_map(|l| l.strip_prefix("Package:"))
-                .map(|name| name.trim().to_owned())
-        })
-        .collect()
+/// A file of either side as text, empty when absent.
+fn side_text(side: &Side<'_>, path: &str) -> anyhow::Result<String> {
+    Ok(crate::store::diff::text(side, path)?.unwrap_or_default())
 }
 
 /// What `compare` needs of the image: its tree, packages and a reader of its files.
@@ -164,16 +149,17 @@ pub fn compare(
         disk,
     )?;
     let (noise, noise_why) = noise_matcher(appliance)?;
-    let passwd = accounts(&disk_text(disk, "etc/passwd")?);
-    let shadow = accounts(&disk_text(disk, "etc/shadow")?);
-    let groups = accounts(&disk_text(disk, "etc/group")?);
-    let image_text = |path: &str| -> anyhow::Result<String> {
-        match image.tree.get(path).and_then(|e| e.digest.as_deref()) {
-            Some(digest) => Ok(String::from_utf8_lossy(&(image.read)(digest)?).into_owned()),
-            None => Ok(String::new()),
-        }
-    };
-    let image_automatic = auto_installed(&image_text("var/lib/apt/extended_states")?);
+    let passwd = accounts(&side_text(disk, "etc/passwd")?);
+    let shadow = accounts(&side_text(disk, "etc/shadow")?);
+    let groups = accounts(&side_text(disk, "etc/group")?);
+    let image_automatic = crate::store::diff::auto_installed(&side_text(
+        &Side {
+            tree: image.tree,
+            packages: image.packages,
+            read: image.read,
+        },
+        "var/lib/apt/extended_states",
+    )?);
     let packages_added = changes
         .iter()
         .any(|c| c.kind == "package-added" && c.is_intended());
@@ -232,6 +218,8 @@ pub fn compare(
             entry,
             disk,
             image,
+            &passwd,
+            &groups,
             &users_added,
             &homes,
             packages_added,
@@ -273,31 +261,35 @@ fn entry_path(entry: &DiffEntry) -> Option<&str> {
 
 /// Why a change follows from another one the capture says (so the rebuild makes it again),
 /// if it does.
+#[allow(clippy::too_many_arguments)]
 fn consequence(
     entry: &DiffEntry,
     disk: &Side<'_>,
     image: &ImageSide<'_>,
+    passwd: &BTreeMap<String, Vec<String>>,
+    groups: &BTreeMap<String, Vec<String>>,
     users_added: &BTreeSet<&str>,
     homes: &[(String, String)],
     packages_added: bool,
     image_automatic: &BTreeSet<String>,
 ) -> anyhow::Result<Option<String>> {
     let subject = entry.subject.as_str();
-    let id_of = |file: &str| -> anyhow::Result<Option<u32>> {
-        Ok(accounts(&disk_text(disk, file)?)
+    // The account databases are parsed once, in `compare`.
+    let id_of = |table: &BTreeMap<String, Vec<String>>| -> Option<u32> {
+        table
             .get(subject)
             .and_then(|fields| fields.get(2))
-            .and_then(|id| id.parse().ok()))
+            .and_then(|id| id.parse().ok())
     };
     Ok(match entry.kind.as_str() {
         "group-added" if users_added.contains(subject) => Some("the user's own group".into()),
         "user-added" | "group-added"
             if packages_added
                 && id_of(if entry.kind == "user-added" {
-                    "etc/passwd"
+                    passwd
                 } else {
-                    "etc/group"
-                })?
+                    groups
+                })
                 .is_some_and(|id| id < 1000) =>
         {
             Some("a system account made by the scripts of a package installed".into())

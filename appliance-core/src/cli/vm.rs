@@ -129,10 +129,9 @@ struct TestDriveBuild {
 /// `build`); `None` when diagnostics were printed instead.
 fn build_for_test_drive(
     global: &GlobalArgs,
-    chosen: Option<&String>,
+    name: String,
     format: Option<&str>,
 ) -> anyhow::Result<Option<TestDriveBuild>> {
-    let (_all, name) = test_drive_appliance(global, chosen)?;
     let is_disk = crate::output::is_disk;
     let options = CheckOptions {
         manifest_path: global.manifest_path.clone(),
@@ -205,7 +204,11 @@ pub(super) fn boot(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<ExitCo
         format,
         store: _store,
         reporter,
-    }) = build_for_test_drive(global, args.appliance.as_ref(), args.format.as_deref())?
+    }) = build_for_test_drive(
+        global,
+        test_drive_appliance(global, args.appliance.as_ref())?.1,
+        args.format.as_deref(),
+    )?
     else {
         return Ok(ExitCode::FAILURE);
     };
@@ -321,7 +324,7 @@ pub(super) fn capture(global: &GlobalArgs, args: &CaptureArgs) -> anyhow::Result
             "the test drive of `{name}` is still running; power it off first (`cargo appliance ssh -a {name} -- systemctl poweroff`)"
         );
     }
-    let Some(built) = build_for_test_drive(global, Some(&name), None)? else {
+    let Some(built) = build_for_test_drive(global, name, None)? else {
         return Ok(ExitCode::FAILURE);
     };
     let name = &built.name;

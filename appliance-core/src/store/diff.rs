@@ -133,7 +133,7 @@ impl std::fmt::Debug for Side<'_> {
     }
 }
 
-fn text(side: &Side<'_>, path: &str) -> anyhow::Result<Option<String>> {
+pub(crate) fn text(side: &Side<'_>, path: &str) -> anyhow::Result<Option<String>> {
     match side.tree.get(path) {
         Some(entry) if entry.kind == EntryKind::File => match &entry.digest {
             Some(digest) => Ok(Some(
@@ -190,7 +190,7 @@ fn ucf_files(hashfile: &str) -> BTreeMap<String, String> {
 }
 
 /// Packages apt marked as installed automatically (`Auto-Installed: 1`).
-fn auto_installed(extended_states: &str) -> BTreeSet<String> {
+pub(crate) fn auto_installed(extended_states: &str) -> BTreeSet<String> {
     extended_states
         .split("\n\n")
         .filter(|stanza| stanza.lines().any(|l| l.trim() == "Auto-Installed: 1"))

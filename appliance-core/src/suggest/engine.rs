@@ -234,14 +234,11 @@ impl Index {
             .filter_map(|c| self.ids.get(c).copied())
             .collect();
         // Neighbours from the whole history, support from the scope: see the module's notes.
-        let mut overlap: HashMap<u32, f64> = HashMap::new();
-        for &item in &known_ids {
-            for &row in &self.postings[item as usize] {
-                if Some(row as usize) != exclude {
-                    *overlap.entry(row).or_insert(0.0) += self.idf[item as usize];
-                }
-            }
-        }
+        let overlap = self.overlap(
+            &known_ids,
+            |row| Some(row) != exclude,
+            |item| self.idf[item as usize],
+        );
         let k: f64 = known
             .iter()
             .map(|c| {
@@ -371,6 +368,25 @@ impl Index {
         ranked
     }
 
+    /// For each derivation `keep` admits that has any of `known`: the sum of `weight` over
+    /// the known changes it has.
+    fn overlap(
+        &self,
+        known: &[u32],
+        keep: impl Fn(usize) -> bool,
+        weight: impl Fn(u32) -> f64,
+    ) -> HashMap<u32, f64> {
+        let mut overlap: HashMap<u32, f64> = HashMap::new();
+        for &item in known {
+            for &row in &self.postings[item as usize] {
+                if keep(row as usize) {
+                    *overlap.entry(row).or_insert(0.0) += weight(item);
+                }
+            }
+        }
+        overlap
+    }
+
     /// Plain co-occurrence, the classic baseline: every derivation of the scope sharing any
     /// known change votes for its other changes with the number it shares (no idf, no
     /// sharpening, no prior).
@@ -386,14 +402,11 @@ impl Index {
             .iter()
             .filter_map(|c| self.ids.get(c).copied())
             .collect();
-        let mut overlap: HashMap<u32, f64> = HashMap::new();
-        for &item in &known_ids {
-            for &row in &self.postings[item as usize] {
-                if scope.member[row as usize] && Some(row as usize) != exclude {
-                    *overlap.entry(row).or_insert(0.0) += 1.0;
-                }
-            }
-        }
+        let overlap = self.overlap(
+            &known_ids,
+            |row| scope.member[row] && Some(row) != exclude,
+            |_| 1.0,
+        );
         let mut scores: HashMap<u32, f64> = HashMap::new();
         for (&row, &shared) in &overlap {
             for &item in &self.rows[row as usize].items {

@@ -146,14 +146,17 @@ fn share(hits: usize, cases: usize) -> f64 {
 mod tests {
     use super::*;
 
+    /// How many of `record-0` … `record-9999` are test derivations under FNV-1a.
+    const PINNED_TEST_COUNT: usize = 1988;
+
     #[test]
     fn the_split_is_a_stable_fifth() {
         let names: Vec<String> = (0..10_000).map(|i| format!("record-{i}")).collect();
         let test = names.iter().filter(|n| is_test(n)).count();
         assert!((1_800..2_200).contains(&test), "{test}");
-        // The same names land in the same part on every run.
-        assert_eq!(names.iter().filter(|n| is_test(n)).count(), test);
-        assert!(is_test("record-0") == is_test("record-0"));
+        // The same names land in the same part on every run and machine: the hash is pinned,
+        // so a changed hash (and a silently reshuffled test part) fails here.
+        assert_eq!(test, PINNED_TEST_COUNT);
     }
 
     /// On a history where nginx always comes with ca-certificates and curl with vim, hiding
