@@ -313,8 +313,43 @@ impl Catalog {
             .context("reading packages")
     }
 
+    /// Run `work` as one transaction: all of its writes are committed together, or none
+    /// (an error rolls them back; a process killed before the commit leaves none, as the
+    /// write-ahead log holds only committed transactions). Inside it use the `_in_transaction`
+    /// methods, which do not open a transaction of their own.
+    pub fn atomically<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        match work(self) {
+            Ok(value) => {
+                self.conn
+                    .execute_batch("COMMIT")
+                    .context("committing the catalog")?;
+                Ok(value)
+            }
+            Err(error) => {
+                // The error that matters is the work's; a failed rollback leaves the
+                // transaction uncommitted, which the connection's close discards.
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(error)
+            }
+        }
+    }
+
     /// Insert an image with its entries and packages, all or nothing.
     pub fn insert_image(
+        &mut self,
+        new: &NewImage,
+        tree: &Tree,
+        packages: &[InstalledPackage],
+    ) -> anyhow::Result<ImageRecord> {
+        self.atomically(|catalog| catalog.insert_image_in_transaction(new, tree, packages))
+    }
+
+    /// [`Self::insert_image`] inside a transaction the caller holds ([`Self::atomically`]).
+    pub fn insert_image_in_transaction(
         &mut self,
         new: &NewImage,
         tree: &Tree,
@@ -332,7 +367,7 @@ impl Catalog {
             .map(|e| e.size)
             .sum();
         let provenance = new.provenance.to_string();
-        let tx = self.conn.transaction()?;
+        let tx = &self.conn;
         let id: i64 = tx.query_row("SELECT nextval('image_ids')", [], |row| row.get(0))?;
         tx.execute(
             "INSERT INTO images (id, name, version, tree_digest, legacy_tree_digest, parent, created_at, provenance, entry_count, content_bytes)
@@ -394,7 +429,6 @@ impl Catalog {
             }
             appender.flush()?;
         }
-        tx.commit().context("committing the image")?;
         Ok(ImageRecord {
             id,
             name: new.name.clone(),
@@ -410,14 +444,18 @@ impl Catalog {
         })
     }
 
-    pub fn remove_images(&mut self, ids: &[i64]) -> anyhow::Result<()> {
-        let tx = self.conn.transaction()?;
+    /// Remove images with their entries and packages, inside a transaction the caller
+    /// holds ([`Self::atomically`]).
+    pub fn remove_images_in_transaction(&mut self, ids: &[i64]) -> anyhow::Result<()> {
         for id in ids {
-            tx.execute("DELETE FROM entries WHERE image = ?", params![id])?;
-            tx.execute("DELETE FROM packages WHERE image = ?", params![id])?;
-            tx.execute("DELETE FROM images WHERE id = ?", params![id])?;
+            self.conn
+                .execute("DELETE FROM entries WHERE image = ?", params![id])?;
+            self.conn
+                .execute("DELETE FROM packages WHERE image = ?", params![id])?;
+            self.conn
+                .execute("DELETE FROM images WHERE id = ?", params![id])
+                .context("removing images")?;
         }
-        tx.commit().context("removing images")?;
         Ok(())
     }
 

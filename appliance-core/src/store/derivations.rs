@@ -87,6 +87,25 @@ pub fn insert_for_images<'a>(
     Ok(count)
 }
 
+/// [`insert_for_images`] inside a transaction the caller holds (the catalog's
+/// `atomically`): the derivations of an image are committed with the image.
+pub fn insert_for_images_in_transaction<'a>(
+    conn: &Connection,
+    derivations: impl IntoIterator<Item = (&'a Derivation, Option<i64>)>,
+    origin: &str,
+) -> anyhow::Result<usize> {
+    insert_in(conn, derivations, origin)
+}
+
+/// [`remove`] inside a transaction the caller holds.
+pub fn remove_in_transaction(
+    conn: &Connection,
+    filter: &str,
+    values: &[&dyn duckdb::ToSql],
+) -> anyhow::Result<usize> {
+    remove_in(conn, filter, values)
+}
+
 /// Replace every derivation of each origin in `incoming` (derivation, origin) with those
 /// given, in one transaction: a pulled history merges into the store as often as it is
 /// pulled, never twice.
@@ -115,7 +134,7 @@ pub fn replace_origins(
 }
 
 fn insert_in<'a>(
-    tx: &duckdb::Transaction<'_>,
+    tx: &Connection,
     derivations: impl IntoIterator<Item = (&'a Derivation, Option<i64>)>,
     origin: &str,
 ) -> anyhow::Result<usize> {
@@ -187,7 +206,7 @@ pub fn remove(
 }
 
 fn remove_in(
-    tx: &duckdb::Transaction<'_>,
+    tx: &Connection,
     filter: &str,
     values: &[&dyn duckdb::ToSql],
 ) -> anyhow::Result<usize> {

@@ -450,20 +450,34 @@ impl Store {
             }
             None => next_version(&images, &name),
         };
-        let record = catalog.insert_image(
-            &NewImage {
-                name,
-                version,
-                parent: new.parent,
-                provenance,
-            },
-            tree,
-            &packages,
-        )?;
-        // The image is listed, its derivation not yet recorded: `history rebuild` adds it.
+        // The image and its derivations are one transaction: a process killed in between
+        // must not leave an image listed whose history is missing.
+        let record = catalog.atomically(|catalog| {
+            let record = catalog.insert_image_in_transaction(
+                &NewImage {
+                    name,
+                    version,
+                    parent: new.parent,
+                    provenance,
+                },
+                tree,
+                &packages,
+            )?;
+            // The lineage walk of the package steps on the way starts from the new image.
+            let mut images = images;
+            images.push(record.clone());
+            let derivations = self
+                .derivations_of(catalog, &images, &record, Some(tree))
+                .context("recording the image's derivation")?;
+            derivations::insert_for_images_in_transaction(
+                catalog.connection(),
+                derivations.iter().map(|d| (d, Some(record.id))),
+                "store",
+            )?;
+            Ok(record)
+        })?;
+        // Stored with its derivation; the build's own records (lock, outputs) not yet.
         crate::test_hooks::point("image-committed");
-        self.record_derivation(&mut catalog, &images, &record, Some(tree))
-            .context("recording the derivation (the image is stored; `history rebuild` retries)")?;
         Ok(record)
     }
 
@@ -550,63 +564,64 @@ impl Store {
         self.diff_images(&mut TreeCache::new(&catalog), &images, &a, &b)
     }
 
-    /// Record how `child` derives from each of its ancestors: from its parent, and from every
+    /// How `child` derives from each of its ancestors: from its parent, and from every
     /// image further up its lineage with the changes accumulated on the way. A base's
     /// statistics then count every image derived from it, directly or through intermediate
     /// images (a build stores base → packages → appliance; the appliance is derived from the
     /// base with all of it). Only intended changes are recorded: dependencies and what
-    /// maintainer scripts did follow from the packages. Returns the number of derivations
-    /// recorded.
-    fn record_derivation(
+    /// maintainer scripts did follow from the packages. `images` must include `child`: the
+    /// package steps on its lineage are found from it.
+    fn derivations_of(
         &self,
-        catalog: &mut LockedCatalog,
+        catalog: &Catalog,
         images: &[ImageRecord],
         child: &ImageRecord,
         known_tree: Option<&Tree>,
-    ) -> anyhow::Result<usize> {
+    ) -> anyhow::Result<Vec<derivations::Derivation>> {
         let mut derivations = Vec::new();
-        {
-            let mut trees = TreeCache::new(catalog);
-            if let Some(tree) = known_tree {
-                trees.insert(child.id, tree.clone());
-            }
-            let mut ancestor = child.parent;
-            while let Some(parent) = ancestor.and_then(|id| images.iter().find(|i| i.id == id)) {
-                if derivations.len() >= MAX_LINEAGE_DEPTH {
-                    break;
-                }
-                let changes = self.diff_images(&mut trees, images, parent, child)?;
-                derivations.push(derivations::Derivation {
-                    parent: parent.name.clone(),
-                    child: child.reference(),
-                    changes: changes
-                        .iter()
-                        .filter(|c| c.is_intended())
-                        .map(crate::store::diff::DiffEntry::change)
-                        .filter(crate::change::is_choice)
-                        .collect(),
-                });
-                ancestor = parent.parent;
-            }
+        let mut trees = TreeCache::new(catalog);
+        if let Some(tree) = known_tree {
+            trees.insert(child.id, tree.clone());
         }
-        derivations::insert_for_images(
-            catalog.connection_mut(),
-            derivations.iter().map(|d| (d, Some(child.id))),
-            "store",
-        )
+        let mut ancestor = child.parent;
+        while let Some(parent) = ancestor.and_then(|id| images.iter().find(|i| i.id == id)) {
+            if derivations.len() >= MAX_LINEAGE_DEPTH {
+                break;
+            }
+            let changes = self.diff_images(&mut trees, images, parent, child)?;
+            derivations.push(derivations::Derivation {
+                parent: parent.name.clone(),
+                child: child.reference(),
+                changes: changes
+                    .iter()
+                    .filter(|c| c.is_intended())
+                    .map(crate::store::diff::DiffEntry::change)
+                    .filter(crate::change::is_choice)
+                    .collect(),
+            });
+            ancestor = parent.parent;
+        }
+        Ok(derivations)
     }
 
     /// Re-derive the history of stored images (derivations with origin `store`) from the
     /// catalog; imported history is kept.
     pub fn rebuild_history(&self) -> anyhow::Result<usize> {
         let mut catalog = self.write_catalog()?;
-        derivations::remove(catalog.connection_mut(), "origin = 'store'", &[])?;
-        let images = catalog.images()?;
-        let mut count = 0;
-        for child in &images {
-            count += self.record_derivation(&mut catalog, &images, child, None)?;
-        }
-        Ok(count)
+        catalog.atomically(|catalog| {
+            derivations::remove_in_transaction(catalog.connection(), "origin = 'store'", &[])?;
+            let images = catalog.images()?;
+            let mut count = 0;
+            for child in &images {
+                let recorded = self.derivations_of(catalog, &images, child, None)?;
+                count += derivations::insert_for_images_in_transaction(
+                    catalog.connection(),
+                    recorded.iter().map(|d| (d, Some(child.id))),
+                    "store",
+                )?;
+            }
+            Ok(count)
+        })
     }
 
     pub fn tree(&self, image: &ImageRecord) -> anyhow::Result<Tree> {
@@ -721,14 +736,17 @@ impl Store {
                 children.join(", ")
             );
         }
-        catalog.remove_images(&doomed)?;
-        // Their derivations describe images that no longer exist.
+        // The images and their derivations (which describe images that no longer exist)
+        // go together.
         let ids: Vec<String> = doomed.iter().map(i64::to_string).collect();
-        derivations::remove(
-            catalog.connection_mut(),
-            &format!("image IN ({})", ids.join(", ")),
-            &[],
-        )?;
+        catalog.atomically(|catalog| {
+            catalog.remove_images_in_transaction(&doomed)?;
+            derivations::remove_in_transaction(
+                catalog.connection(),
+                &format!("image IN ({})", ids.join(", ")),
+                &[],
+            )
+        })?;
         Ok(images
             .iter()
             .filter(|i| doomed.contains(&i.id))
