@@ -446,6 +446,7 @@ impl Setup {
             "{context}: {}",
             String::from_utf8_lossy(&next.stderr)
         );
+        setup.history_is_whole(context);
         // What is stored and what is written are this round's.
         let exported = setup.work.path().join(format!("exported-{round}"));
         let export = setup
@@ -491,6 +492,38 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// The store's history is what `history rebuild` derives from its images: no image is
+    /// listed without its derivations, none is recorded twice.
+    fn history_is_whole(&self, context: &str) {
+        let export = || {
+            let output = self
+                .command(&["history", "export", "-"])
+                .output()
+                .expect("history export runs");
+            assert!(output.status.success(), "{context}: {output:?}");
+            let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines
+        };
+        let recorded = export();
+        let rebuilt = self
+            .command(&["history", "rebuild"])
+            .output()
+            .expect("history rebuild runs");
+        assert!(rebuilt.status.success(), "{context}: {rebuilt:?}");
+        let derived = export();
+        assert!(
+            derived.iter().any(|l| l.contains("stopped@")),
+            "{context}: the history has the appliance's derivations: {derived:?}"
+        );
+        assert_eq!(recorded, derived, "{context}: the recorded history");
+    }
+}
+
 /// The points where the code lets a test kill it (`APPLIANCE_FAULT_KILL_AT`), each between
 /// a step that is done and the record that says so: after each one's SIGKILL, the store and
 /// the outputs are whole and the next build recovers by itself. A point the build does not
@@ -524,4 +557,99 @@ fn builds_killed_at_each_fault_point_leave_store_and_outputs_whole() {
         }
         setup.recovers_after_a_kill(round, &motd_text(round), &format!("killed at `{point}`"));
     }
+}
+
+/// Work that never reaches a check point after SIGTERM (stalled at a fault point, as in a
+/// system call that does not return): the build ends by the signal when the 10 s grace is
+/// over, saying so; with `second_signal`, a second SIGTERM ends it at once. Either way the
+/// store is whole and the next build recovers by itself.
+fn stalled_build_ends(second_signal: bool) {
+    let setup = Setup::new("user \"api\"\n    copy \"motd\" to=\"/etc/motd\"\n    output \"oci\"");
+    let motd = setup.workspace().join("motd");
+    write(&motd, &motd_text(0));
+    setup.build_with_one_cached_tree();
+    write(&motd, &motd_text(1));
+    let mut build = setup
+        .build()
+        .env("APPLIANCE_FAULT_STALL_AT", "output-written")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the build starts");
+    let (lines, received) = std::sync::mpsc::channel();
+    let stderr = build.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            all += &line;
+            all += "\n";
+            let _ = lines.send(line);
+        }
+        all
+    });
+    let start = Instant::now();
+    loop {
+        let line = received
+            .recv_timeout(Duration::from_secs(120).saturating_sub(start.elapsed()))
+            .expect("the build reaches the stall point");
+        if line.contains("stalled") {
+            break;
+        }
+    }
+    let term = || {
+        let sent = Command::new("kill")
+            .args(["-TERM", &build.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    };
+    term();
+    let sent = Instant::now();
+    if second_signal {
+        std::thread::sleep(Duration::from_millis(500));
+        term();
+    }
+    // Bounded: a build that never ends fails the test instead of hanging it.
+    let status = loop {
+        if let Some(status) = build.try_wait().expect("wait") {
+            break status;
+        }
+        if sent.elapsed() > Duration::from_secs(30) {
+            let _ = build.kill();
+            panic!("the stalled build was still running 30 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = sent.elapsed();
+    let stderr = reader.join().expect("reader");
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(status.signal(), Some(15), "{status:?}\n{stderr}");
+    }
+    let gave_up = stderr.contains("the work did not stop within 10s; quitting");
+    if second_signal {
+        assert!(took < Duration::from_secs(3), "took {took:?}\n{stderr}");
+        assert!(!gave_up, "{stderr}");
+    } else {
+        assert!(
+            took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+            "took {took:?}\n{stderr}"
+        );
+        assert!(gave_up, "{stderr}");
+    }
+    setup.recovers_after_a_kill(1, &motd_text(1), "after the stalled build");
+}
+
+#[test]
+fn a_build_stalled_after_sigterm_ends_when_its_grace_is_over() {
+    stalled_build_ends(false);
+}
+
+#[test]
+fn a_second_sigterm_ends_a_stalled_build_at_once() {
+    stalled_build_ends(true);
 }

@@ -686,3 +686,108 @@ fn a_full_disk_during_an_import_is_a_clear_error_and_the_store_stays_consistent(
     );
     assert_eq!(read("again.status").trim(), "0", "{}", read("again.err"));
 }
+
+/// A flipped object: the command that meets it and `fsck` say what is wrong and which
+/// command cures it, `fsck --repair` does what they said, and the image is then refused
+/// for what it is (marked), not for a digest mismatch.
+#[test]
+fn a_corrupt_object_is_reported_with_the_repair_that_cures_it() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let store = work.path().join("store");
+    let rootfs = work.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("etc")).expect("mkdir");
+    let content = "a message of the day that will be damaged\n";
+    std::fs::write(rootfs.join("etc/motd"), content).expect("write");
+    ok(
+        &store,
+        &["image", "import", "tiny", rootfs.to_str().expect("utf-8")],
+    );
+    let fsck: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["fsck", "--message-format", "json"])).expect("json");
+    assert_eq!(fsck["objects_checked"], 1, "{fsck}");
+    // The one object: flip its content (same length, another digest).
+    let object = std::fs::read_dir(store.join("objects"))
+        .expect("objects")
+        .flatten()
+        .filter(|fan| fan.path().is_dir())
+        .flat_map(|fan| std::fs::read_dir(fan.path()).expect("fan").flatten())
+        .map(|entry| entry.path())
+        .next()
+        .expect("an object");
+    let digest = format!(
+        "{}{}",
+        object
+            .parent()
+            .and_then(|p| p.file_name())
+            .expect("fan")
+            .to_string_lossy(),
+        object.file_name().expect("name").to_string_lossy()
+    );
+    std::fs::set_permissions(&object, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    std::fs::write(&object, content.replace("day", "dax")).expect("flip");
+
+    let exported = work.path().join("out.tar");
+    let export = run(
+        &store,
+        &[
+            "image",
+            "export",
+            "tiny",
+            "-o",
+            exported.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(!export.status.success());
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert!(
+        stderr.contains(&format!("object {digest} is corrupt")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cargo appliance fsck --repair"), "{stderr}");
+
+    let check = run(&store, &["fsck"]);
+    assert!(!check.status.success());
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "corrupt object {digest} (`cargo appliance fsck --repair` sets it aside)"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("image tiny@1 needs repair (`cargo appliance fsck --repair` marks it"),
+        "{stdout}"
+    );
+
+    let repaired = run(&store, &["fsck", "--repair"]);
+    let stdout = String::from_utf8_lossy(&repaired.stdout);
+    assert!(
+        stdout.contains(&format!("corrupt object {digest} (moved to quarantine/)")),
+        "{stdout}"
+    );
+    assert!(store.join("quarantine").join(&digest).is_file());
+    let after = run(&store, &["fsck"]);
+    let stdout = String::from_utf8_lossy(&after.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "missing object {digest} (`cargo appliance fsck --repair` marks"
+        )),
+        "{stdout}"
+    );
+    let export = run(
+        &store,
+        &[
+            "image",
+            "export",
+            "tiny",
+            "-o",
+            exported.to_str().expect("utf-8"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert!(
+        stderr.contains("tiny@1 has corrupt objects (fsck marked it)"),
+        "{stderr}"
+    );
+}

@@ -462,7 +462,10 @@ fn run_apt(
     let sandbox = work.sandbox()?;
     let cache = AptCache {
         debs: exec.store.root().join("cache/debs"),
-        lists: exec.store.root().join("cache/apt-lists"),
+        lists: exec
+            .store
+            .root()
+            .join(crate::store::download_caches::APT_LISTS),
     };
     let spinner = exec.reporter.spinner("apt");
     let outcome = apt::install(&sandbox, &cache, scratch, request, |what| {

@@ -89,10 +89,11 @@ pub enum Command {
     /// Create a base image from a Debian suite with mmdebstrap
     #[command(subcommand)]
     Base(BaseCommand),
-    /// Remove objects no image references, leftovers of interrupted imports, and cached
-    /// materialized trees of images that are gone
+    /// Remove objects no image references, leftovers of interrupted imports, cached
+    /// materialized trees of images that are gone, and package lists set aside
     Gc,
-    /// Verify every object against its digest and every catalog reference
+    /// Verify every object against its digest and every catalog reference, and the caches
+    /// builds reuse (materialized trees, OCI layer blobs, apt's package lists)
     Fsck(FsckArgs),
     /// Suggest what the appliances probably miss, learnt from the derivation history
     Suggest(SuggestArgs),
@@ -294,7 +295,8 @@ pub enum BaseCommand {
 
 #[derive(Debug, Args)]
 pub struct FsckArgs {
-    /// Quarantine corrupt objects and mark the images that need them
+    /// Quarantine corrupt objects, mark the images that need them, and remove damaged cache
+    /// entries (the next build writes them again)
     #[arg(long)]
     pub repair: bool,
 }

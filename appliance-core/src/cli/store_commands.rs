@@ -280,11 +280,12 @@ pub(crate) fn run_store_command(
                     global,
                     "Removed",
                     &format!(
-                        "{} ({}), {}, {}",
+                        "{} ({}), {}, {}, {}",
                         plural(report.removed_objects, "object"),
                         human_bytes(report.removed_bytes as i64),
                         plural(report.removed_staging, "interrupted import"),
-                        plural(report.removed_cached_trees, "cached tree")
+                        plural(report.removed_cached_trees, "cached tree"),
+                        plural(report.removed_cached_lists, "stale package list")
                     ),
                 );
             }
@@ -519,22 +520,43 @@ pub(crate) fn run_store_command(
                 print_json(&report)?;
             } else {
                 outln!("checked {}", plural(report.objects_checked, "object"))?;
-                for digest in &report.corrupt_objects {
-                    outln!("corrupt object {digest}")?;
-                }
-                for digest in &report.missing_objects {
-                    outln!("missing object {digest}")?;
-                }
-                for image in &report.images_needing_repair {
-                    outln!("image {image} needs repair")?;
-                }
-                for damage in &report.damaged_cached_trees {
-                    let action = if args.repair {
-                        "removed"
+                let repair = |action: &str, hint: &str| {
+                    if args.repair {
+                        action.to_owned()
                     } else {
-                        "remove it with --repair"
-                    };
-                    outln!("cached materialized tree {damage} ({action})")?;
+                        hint.to_owned()
+                    }
+                };
+                let set_aside = repair(
+                    "moved to quarantine/",
+                    "`cargo appliance fsck --repair` sets it aside",
+                );
+                for digest in &report.corrupt_objects {
+                    outln!("corrupt object {digest} ({set_aside})")?;
+                }
+                let marked = repair(
+                    "the images that need it are marked",
+                    "`cargo appliance fsck --repair` marks the images that need it",
+                );
+                for digest in &report.missing_objects {
+                    outln!("missing object {digest} ({marked})")?;
+                }
+                let rebuilt = repair(
+                    "marked: builds no longer use it; rebuild it or `cargo appliance image rm` it",
+                    "`cargo appliance fsck --repair` marks it for builds to pass over",
+                );
+                for image in &report.images_needing_repair {
+                    outln!("image {image} needs repair ({rebuilt})")?;
+                }
+                let removed = repair(
+                    "removed; the next build writes it again",
+                    "`cargo appliance fsck --repair` removes it; builds write it again",
+                );
+                for damage in &report.damaged_cached_trees {
+                    outln!("cached materialized tree {damage} ({removed})")?;
+                }
+                for damage in &report.damaged_download_caches {
+                    outln!("{damage} ({removed})")?;
                 }
                 if report.unreferenced_objects > 0 {
                     outln!(

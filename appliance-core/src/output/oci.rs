@@ -163,7 +163,11 @@ impl BlobCache {
     fn layer(&self, key: &str) -> Option<Layer> {
         let data = std::fs::read(self.dir.join("layers").join(key)).ok()?;
         let layer: Layer = serde_json::from_slice(&data).ok()?;
-        self.blob(&layer.digest).is_file().then_some(layer)
+        // A blob of another size is not the layer (fsck checks the digests); it is written
+        // again.
+        std::fs::metadata(self.blob(&layer.digest))
+            .is_ok_and(|m| m.is_file() && m.len() == layer.size)
+            .then_some(layer)
     }
 
     fn write_layer(
@@ -210,9 +214,10 @@ impl BlobCache {
             diff_id,
         };
         temp.persist(self.blob(&digest))?;
-        fs_err::write(
-            self.dir.join("layers").join(key),
-            serde_json::to_vec(&layer)?,
+        crate::json_file::write_bytes_atomically(
+            &self.dir.join("layers").join(key),
+            &serde_json::to_vec(&layer)?,
+            "layer-renaming",
         )?;
         Ok(layer)
     }
@@ -253,7 +258,7 @@ pub struct OciOutput {
 /// `--src-shared-blob-dir`/`--dest-shared-blob-dir`, so a push reads them and a pull leaves
 /// the layers it fetched for the next pull.
 pub fn blob_dir(store: &Store) -> PathBuf {
-    store.root().join("cache/oci/blobs")
+    store.root().join(crate::store::download_caches::OCI_BLOBS)
 }
 
 /// An image as OCI documents, its layers in the store's blob cache: what a layout, an

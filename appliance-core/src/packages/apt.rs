@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
+use crate::store::download_caches::{
+    LISTS_DISCARD_PREFIX, LISTS_PARTIAL_PREFIX, LISTS_WHOLE_MARKER,
+};
+
 use std::io::{Read as _, Seek as _};
 
 /// Sets up the sandbox inside the new namespaces, then runs the command in the chroot.
@@ -390,7 +394,7 @@ pub fn install(
     ];
     let sources_key = sources_digest(root)?;
     let cached_lists = cache.lists.join(&sources_key);
-    let fresh = fs_err::metadata(cached_lists.join(".fetched"))
+    let fresh = fs_err::metadata(cached_lists.join(LISTS_WHOLE_MARKER))
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.elapsed().ok())
@@ -401,7 +405,10 @@ pub fn install(
     let apt_cache_dir = real_dir(root, "var/cache/apt")?;
     let source_cache = apt_cache_dir.join("srcpkgcache.bin");
     let cached_source_cache = cached_lists.join(SOURCE_CACHE);
-    let lists_from_cache = cached_lists.is_dir() && (fresh || request.offline);
+    // `.fetched` is written into the copy before it is renamed into place: without it the
+    // directory is not a whole set of lists.
+    let lists_from_cache =
+        cached_lists.join(LISTS_WHOLE_MARKER).is_file() && (fresh || request.offline);
     if lists_from_cache {
         // Linked, not copied: `apt-get install` only reads them, and the scratch directory
         // holding the links is discarded.
@@ -605,15 +612,34 @@ fn save_lists(lists: &Path, cached: &Path) -> anyhow::Result<()> {
     let parent = cached.parent().context("lists cache has no parent")?;
     fs_err::create_dir_all(parent)?;
     let temp = tempfile::Builder::new()
-        .prefix(".lists-")
+        .prefix(LISTS_PARTIAL_PREFIX)
         .tempdir_in(parent)?;
     copy_dir_files(lists, temp.path(), false)?;
-    fs_err::write(temp.path().join(".fetched"), b"")?;
+    fs_err::write(temp.path().join(LISTS_WHOLE_MARKER), b"")?;
     let temp = temp.keep();
-    if cached.exists() {
-        fs_err::remove_dir_all(cached)?;
-    }
+    // The old lists are renamed out of the way before they are deleted: a process killed
+    // while deleting them in place left a part of them under the name builds use.
+    let aside = parent.join(format!(
+        "{LISTS_DISCARD_PREFIX}{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let had_old = match std::fs::rename(cached, &aside) {
+        Ok(()) => true,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+        Err(error) => {
+            return Err(
+                anyhow::Error::new(error).context(format!("replacing {}", cached.display()))
+            );
+        }
+    };
     fs_err::rename(&temp, cached)?;
+    crate::test_hooks::point("apt-lists-renamed");
+    if had_old {
+        fs_err::remove_dir_all(&aside)?;
+    }
     Ok(())
 }
 
@@ -678,5 +704,32 @@ mod tests {
         fs_err::write(&link, "regular").expect("write");
         remove_unless_regular_file(&link).expect("kept");
         assert!(link.is_file());
+    }
+
+    #[test]
+    fn saved_lists_replace_the_old_ones_whole_with_their_marker() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = dir.path().join("apt-lists");
+        let cached = cache.join("sources");
+        fs_err::create_dir_all(&cached).expect("mkdir");
+        fs_err::write(cached.join("old_Packages"), "Package: old\n").expect("write");
+        fs_err::write(cached.join(LISTS_WHOLE_MARKER), "").expect("write");
+        let fetched = dir.path().join("fetched");
+        fs_err::create_dir_all(&fetched).expect("mkdir");
+        fs_err::write(fetched.join("new_Packages"), "Package: new\n").expect("write");
+        fs_err::write(fetched.join("lock"), "").expect("write");
+
+        save_lists(&fetched, &cached).expect("saved");
+        let mut names: Vec<String> = fs_err::read_dir(&cached)
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [LISTS_WHOLE_MARKER, "new_Packages"]);
+        let left: Vec<_> = fs_err::read_dir(&cache)
+            .expect("read")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, ["sources"], "nothing set aside or partial is left");
     }
 }

@@ -24,6 +24,7 @@
 pub mod catalog;
 pub mod derivations;
 pub mod diff;
+pub mod download_caches;
 pub mod export;
 pub mod import;
 pub mod materialized;
@@ -186,6 +187,8 @@ pub struct GcReport {
     pub removed_bytes: u64,
     pub removed_staging: usize,
     pub removed_cached_trees: usize,
+    /// Package lists set aside for deletion or left partial by dead builds.
+    pub removed_cached_lists: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -198,6 +201,9 @@ pub struct FsckReport {
     pub quarantined: usize,
     /// Materialized trees in the cache that differ from their tree (removed with repair).
     pub damaged_cached_trees: Vec<String>,
+    /// OCI layer blobs and apt lists in the cache that are not what they claim (removed
+    /// with repair).
+    pub damaged_download_caches: Vec<String>,
 }
 
 impl FsckReport {
@@ -205,6 +211,7 @@ impl FsckReport {
         self.corrupt_objects.is_empty()
             && self.missing_objects.is_empty()
             && self.damaged_cached_trees.is_empty()
+            && self.damaged_download_caches.is_empty()
     }
 }
 
@@ -774,6 +781,7 @@ impl Store {
         }
         let live_trees = self.list()?.into_iter().map(|i| i.tree_digest).collect();
         report.removed_cached_trees = self.prune_materialized(&live_trees)?;
+        report.removed_cached_lists = self.prune_download_caches()?;
         Ok(report)
     }
 
@@ -818,6 +826,7 @@ impl Store {
             },
             repair,
         )?;
+        report.damaged_download_caches = self.check_download_caches(repair)?;
         let bad: BTreeSet<String> = report
             .corrupt_objects
             .iter()

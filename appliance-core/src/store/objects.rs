@@ -43,7 +43,11 @@ impl Objects {
     pub fn open(&self, digest: &str) -> anyhow::Result<ObjectReader> {
         let path = self.path(digest);
         let file = fs_err::File::open(&path)
-            .with_context(|| format!("opening object {digest}"))?
+            .with_context(|| {
+                format!(
+                    "opening object {digest} (`cargo appliance fsck --repair` marks the images that need it, which builds then pass over)"
+                )
+            })?
             .into_parts()
             .0;
         let size = file.metadata().map_or(0, |m| m.len());
@@ -122,7 +126,7 @@ impl<R: Read> Read for VerifyingReader<R> {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "object {} is corrupt: its content hashes to {actual}",
+                        "object {} is corrupt: its content hashes to {actual} (`cargo appliance fsck --repair` sets it aside and marks the images that need it, which builds then pass over)",
                         self.expected
                     ),
                 ));

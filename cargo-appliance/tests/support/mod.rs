@@ -13,9 +13,15 @@ pub fn binary() -> Command {
     command
 }
 
-/// The binary whose new stores get the seed history, as a user's do.
+/// The binary whose new stores get the seed history, as a user's do. The one Cargo built
+/// for these tests, or `APPLIANCE_TEST_BINARY` (a long run, such as the kill harness' 60
+/// kills, goes on with a copy while the target directory is rebuilt).
 pub fn seeded_binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cargo-appliance"));
+    let program = std::env::var_os("APPLIANCE_TEST_BINARY").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_cargo-appliance")),
+        PathBuf::from,
+    );
+    let mut command = Command::new(program);
     command
         .env_remove("APPLIANCE_STORE")
         .env_remove("APPLIANCE_NO_SEED")
@@ -168,4 +174,79 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The root filesystem of a disk (qcow2 or raw) as a file of its own, after the tools users
+/// run on disks accepted it: `qemu-img check` (qcow2), `sfdisk --dump` (the GPT layout with
+/// an ESP and a root partition), `e2fsck -fn`.
+pub fn root_filesystem(disk: &std::path::Path, work: &std::path::Path) -> PathBuf {
+    std::fs::create_dir_all(work).expect("mkdir");
+    let raw = if disk.extension().is_some_and(|e| e == "qcow2") {
+        let check = Command::new("qemu-img")
+            .arg("check")
+            .arg(disk)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let raw = work.join("disk.raw");
+        let convert = Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(disk)
+            .arg(&raw)
+            .status()
+            .expect("qemu-img");
+        assert!(convert.success());
+        raw
+    } else {
+        disk.to_path_buf()
+    };
+    let dump = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&raw)
+        .output()
+        .expect("sfdisk");
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(dump.contains("label: gpt"), "{dump}");
+    let partitions: Vec<&str> = dump.lines().filter(|l| l.contains("start=")).collect();
+    assert_eq!(partitions.len(), 2, "{dump}");
+    assert!(
+        partitions[0].contains("type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+        "{dump}"
+    );
+    assert!(
+        partitions[1].contains("type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+        "{dump}"
+    );
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(',')
+            .find_map(|f| f.split_once('=').filter(|(k, _)| k.trim().ends_with(name)))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .expect("a number")
+    };
+    let root_fs = work.join("root.ext4");
+    let extract = Command::new("dd")
+        .arg(format!("if={}", raw.display()))
+        .arg(format!("of={}", root_fs.display()))
+        .args(["bs=512", "conv=sparse", "status=none"])
+        .arg(format!("skip={}", field(partitions[1], "start")))
+        .arg(format!("count={}", field(partitions[1], "size")))
+        .status()
+        .expect("dd");
+    assert!(extract.success());
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&root_fs)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    root_fs
 }
