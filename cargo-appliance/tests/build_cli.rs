@@ -843,6 +843,13 @@ appliance "smaller" {
     let second: Vec<String> = files.iter().map(|f| sha256_of(f)).collect();
     assert_eq!(first, second);
     assert!(first.iter().all(|h| h.len() == 64));
+    // Made to be shared: readable by others as `tar` would leave them (the test runs with
+    // a umask that keeps group and other read), not the temporary files' 0600.
+    for file in &files {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(file).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode & 0o044, 0o044, "{} is {mode:o}", file.display());
+    }
 
     // skopeo reads both the layout and the archive.
     let layout = out.join("small/small.oci");

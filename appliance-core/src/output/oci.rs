@@ -182,7 +182,10 @@ impl BlobCache {
         }
         fs_err::create_dir_all(self.dir.join("blobs/sha256"))?;
         fs_err::create_dir_all(self.dir.join("layers"))?;
-        let temp = tempfile::NamedTempFile::new_in(self.dir.join("blobs/sha256"))?;
+        // Layout blobs are links to these: readable as the layout's other files are.
+        let temp = tempfile::Builder::new()
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .tempfile_in(self.dir.join("blobs/sha256"))?;
         let compressed = HashingWriter {
             inner: io::BufWriter::new(temp.reopen()?),
             hasher: Sha256::new(),
@@ -492,7 +495,10 @@ fn write_archive(layout: &Path, archive: &Path) -> anyhow::Result<()> {
     let parent = archive
         .parent()
         .context("the archive has no parent directory")?;
-    let temp = tempfile::NamedTempFile::new_in(parent)?;
+    // Readable as any file the user creates (0644 under the usual umask), not 0600.
+    let temp = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(parent)?;
     {
         let mut builder = tar::Builder::new(io::BufWriter::new(temp.reopen()?));
         let mut files = Vec::new();

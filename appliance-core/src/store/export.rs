@@ -70,6 +70,9 @@ pub fn export(tree: &Tree, objects: &Objects, destination: &Path) -> anyhow::Res
                 .unwrap_or(Path::new("."));
             let temp = tempfile::Builder::new()
                 .prefix(".appliance-export-")
+                // As `tar` or `cp` would create it (0644 under the usual umask), not the
+                // temporary file's 0600: an archive is made to be shared.
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
                 .tempfile_in(parent)
                 .with_context(|| format!("creating a temp file in {}", parent.display()))?;
             let file = temp.reopen()?;
