@@ -371,18 +371,6 @@ fn set_aside(trees: &Path) -> Vec<String> {
         .collect()
 }
 
-/// xorshift64*: the kill harness' moments, reproducible from a printed seed.
-struct Moments(u64);
-
-impl Moments {
-    fn next_below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound.max(1)
-    }
-}
-
 /// Issue 15: builds SIGKILLed at seeded random moments — staging, the catalog commit, the
 /// outputs' temp-and-rename — never leave a half image listed, an object missing or an
 /// output that claims an image it does not hold, and the next build repairs nothing by hand.
@@ -390,19 +378,7 @@ impl Moments {
 /// kills; a failure prints the seed that reproduces it.
 #[test]
 fn builds_killed_at_random_moments_leave_store_and_outputs_whole() {
-    let kills: u32 = std::env::var("APPLIANCE_KILLS")
-        .ok()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or(10);
-    let seed: u64 = std::env::var("APPLIANCE_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64 | 1)
-        });
-    eprintln!("kill harness: APPLIANCE_KILLS={kills} APPLIANCE_KILL_SEED={seed}");
+    let (kills, mut moments) = support::kill_schedule("kill harness", 10);
     let setup = Setup::new("user \"api\"\n    copy \"motd\" to=\"/etc/motd\"\n    output \"oci\"");
     let motd = setup.workspace().join("motd");
     write(&motd, "motd 0\n");
@@ -410,7 +386,6 @@ fn builds_killed_at_random_moments_leave_store_and_outputs_whole() {
     let started = Instant::now();
     setup.build_with_one_cached_tree();
     let span = started.elapsed().as_millis() as u64;
-    let mut moments = Moments(seed);
     for round in 1..=kills {
         write(&motd, &format!("motd {round}\n"));
         let mut build = setup.spawn_build();
@@ -418,7 +393,10 @@ fn builds_killed_at_random_moments_leave_store_and_outputs_whole() {
         std::thread::sleep(Duration::from_millis(after));
         let _ = build.kill();
         let _ = build.wait();
-        let context = format!("round {round}, killed after {after} ms (seed {seed})");
+        let context = format!(
+            "round {round}, killed after {after} ms (seed {})",
+            moments.seed
+        );
         setup.recovers_after_a_kill(round, &motd_text(round), &context);
     }
 }
@@ -446,7 +424,7 @@ impl Setup {
             "{context}: {}",
             String::from_utf8_lossy(&next.stderr)
         );
-        setup.history_is_whole(context);
+        support::assert_history_rederivable(|args| setup.command(args), "stopped", context);
         // What is stored and what is written are this round's.
         let exported = setup.work.path().join(format!("exported-{round}"));
         let export = setup
@@ -489,38 +467,6 @@ impl Setup {
             manifest["annotations"]["dev.cargo-appliance.tree-digest"], newest["tree_digest"],
             "{context}: the output is of the stored image"
         );
-    }
-}
-
-impl Setup {
-    /// The store's history is what `history rebuild` derives from its images: no image is
-    /// listed without its derivations, none is recorded twice.
-    fn history_is_whole(&self, context: &str) {
-        let export = || {
-            let output = self
-                .command(&["history", "export", "-"])
-                .output()
-                .expect("history export runs");
-            assert!(output.status.success(), "{context}: {output:?}");
-            let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .map(str::to_owned)
-                .collect();
-            lines.sort();
-            lines
-        };
-        let recorded = export();
-        let rebuilt = self
-            .command(&["history", "rebuild"])
-            .output()
-            .expect("history rebuild runs");
-        assert!(rebuilt.status.success(), "{context}: {rebuilt:?}");
-        let derived = export();
-        assert!(
-            derived.iter().any(|l| l.contains("stopped@")),
-            "{context}: the history has the appliance's derivations: {derived:?}"
-        );
-        assert_eq!(recorded, derived, "{context}: the recorded history");
     }
 }
 

@@ -205,23 +205,6 @@ impl Harness {
         }
     }
 
-    /// The history recorded build by build is what `history rebuild` derives from the
-    /// images (the package steps' consequences marked alike).
-    fn history_is_rederivable(&self, context: &str) {
-        let export = || {
-            let mut lines: Vec<String> = self
-                .ok(&["history", "export", "-"], context)
-                .lines()
-                .map(str::to_owned)
-                .collect();
-            lines.sort();
-            lines
-        };
-        let recorded = export();
-        self.ok(&["history", "rebuild"], context);
-        assert_eq!(recorded, export(), "{context}: the recorded history");
-    }
-
     /// The newest images and every output hold `round`'s packages, file and script output.
     fn holds_round(&self, round: u32, context: &str) {
         let scratch = self.work.path().join("check");
@@ -335,18 +318,6 @@ fn debugfs_cat(filesystem: &Path, path: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// xorshift64*: the harness' moments, reproducible from a printed seed.
-struct Moments(u64);
-
-impl Moments {
-    fn next_below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound.max(1)
-    }
-}
-
 /// The fault points on a full build's way, each between a step that is done and the record
 /// that says so: a cached tree renamed into place before its marker, one renamed aside for
 /// deletion, a layer blob's record, the objects and the catalog, an output and its stamp,
@@ -364,19 +335,7 @@ const FAULT_POINTS: [&str; 8] = [
 
 #[test]
 fn full_builds_killed_at_fault_points_and_random_moments_recover_by_themselves() {
-    let kills: u32 = std::env::var("APPLIANCE_KILLS")
-        .ok()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or(2);
-    let seed: u64 = std::env::var("APPLIANCE_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64 | 1)
-        });
-    eprintln!("full-build kill harness: APPLIANCE_KILLS={kills} APPLIANCE_KILL_SEED={seed}");
+    let (kills, mut moments) = support::kill_schedule("full-build kill harness", 2);
     let harness = Harness::new();
     harness.set_round(0);
     harness.build_ok("the first build");
@@ -409,7 +368,6 @@ fn full_builds_killed_at_fault_points_and_random_moments_recover_by_themselves()
         }
         harness.recovers(round, &format!("round {round}, killed at `{point}`"));
     }
-    let mut moments = Moments(seed);
     for kill in 1..=kills {
         round += 1;
         harness.set_round(round);
@@ -425,10 +383,17 @@ fn full_builds_killed_at_fault_points_and_random_moments_recover_by_themselves()
         let _ = build.wait();
         harness.recovers(
             round,
-            &format!("round {round}, random kill {kill} after {after} ms (seed {seed})"),
+            &format!(
+                "round {round}, random kill {kill} after {after} ms (seed {})",
+                moments.seed
+            ),
         );
     }
-    harness.history_is_rederivable("after every round");
+    support::assert_history_rederivable(
+        |args| harness.command(args),
+        "stopped",
+        "after every round",
+    );
     eprintln!(
         "full-build kill harness: {} kills",
         FAULT_POINTS.len() as u32 + kills

@@ -728,16 +728,11 @@ fn a_corrupt_object_is_reported_with_the_repair_that_cures_it() {
     std::fs::write(&object, content.replace("day", "dax")).expect("flip");
 
     let exported = work.path().join("out.tar");
-    let export = run(
-        &store,
-        &[
-            "image",
-            "export",
-            "tiny",
-            "-o",
-            exported.to_str().expect("utf-8"),
-        ],
-    );
+    let export_tiny = || {
+        let destination = exported.to_str().expect("utf-8");
+        run(&store, &["image", "export", "tiny", "-o", destination])
+    };
+    let export = export_tiny();
     assert!(!export.status.success());
     let stderr = String::from_utf8_lossy(&export.stderr);
     assert!(
@@ -775,16 +770,7 @@ fn a_corrupt_object_is_reported_with_the_repair_that_cures_it() {
         )),
         "{stdout}"
     );
-    let export = run(
-        &store,
-        &[
-            "image",
-            "export",
-            "tiny",
-            "-o",
-            exported.to_str().expect("utf-8"),
-        ],
-    );
+    let export = export_tiny();
     let stderr = String::from_utf8_lossy(&export.stderr);
     assert!(
         stderr.contains("tiny@1 has corrupt objects (fsck marked it)"),

@@ -82,28 +82,9 @@ pub fn insert_for_images<'a>(
     origin: &str,
 ) -> anyhow::Result<usize> {
     let tx = conn.transaction()?;
-    let count = insert_in(&tx, derivations, origin)?;
+    let count = insert_for_images_in_transaction(&tx, derivations, origin)?;
     tx.commit().context("committing the history")?;
     Ok(count)
-}
-
-/// [`insert_for_images`] inside a transaction the caller holds (the catalog's
-/// `atomically`): the derivations of an image are committed with the image.
-pub fn insert_for_images_in_transaction<'a>(
-    conn: &Connection,
-    derivations: impl IntoIterator<Item = (&'a Derivation, Option<i64>)>,
-    origin: &str,
-) -> anyhow::Result<usize> {
-    insert_in(conn, derivations, origin)
-}
-
-/// [`remove`] inside a transaction the caller holds.
-pub fn remove_in_transaction(
-    conn: &Connection,
-    filter: &str,
-    values: &[&dyn duckdb::ToSql],
-) -> anyhow::Result<usize> {
-    remove_in(conn, filter, values)
 }
 
 /// Replace every derivation of each origin in `incoming` (derivation, origin) with those
@@ -116,11 +97,11 @@ pub fn replace_origins(
     let origins: BTreeSet<&str> = incoming.iter().map(|(_, o)| o.as_str()).collect();
     let tx = conn.transaction()?;
     for origin in &origins {
-        remove_in(&tx, "origin = ?", &[origin])?;
+        remove_in_transaction(&tx, "origin = ?", &[origin])?;
     }
     let mut count = 0;
     for origin in &origins {
-        count += insert_in(
+        count += insert_for_images_in_transaction(
             &tx,
             incoming
                 .iter()
@@ -133,7 +114,9 @@ pub fn replace_origins(
     Ok(count)
 }
 
-fn insert_in<'a>(
+/// [`insert_for_images`] inside a transaction the caller holds (the catalog's
+/// `atomically`): the derivations of an image are committed with the image.
+pub fn insert_for_images_in_transaction<'a>(
     tx: &Connection,
     derivations: impl IntoIterator<Item = (&'a Derivation, Option<i64>)>,
     origin: &str,
@@ -200,12 +183,13 @@ pub fn remove(
     values: &[&dyn duckdb::ToSql],
 ) -> anyhow::Result<usize> {
     let tx = conn.transaction()?;
-    let count = remove_in(&tx, filter, values)?;
+    let count = remove_in_transaction(&tx, filter, values)?;
     tx.commit().context("committing the history")?;
     Ok(count)
 }
 
-fn remove_in(
+/// [`remove`] inside a transaction the caller holds.
+pub fn remove_in_transaction(
     tx: &Connection,
     filter: &str,
     values: &[&dyn duckdb::ToSql],

@@ -250,3 +250,70 @@ pub fn root_filesystem(disk: &std::path::Path, work: &std::path::Path) -> PathBu
     );
     root_fs
 }
+
+/// The kill harnesses' schedule: `APPLIANCE_KILLS` random kills (`default` without it) at
+/// moments drawn from `APPLIANCE_KILL_SEED` (the clock without it); printed, so a failure
+/// can be replayed.
+pub fn kill_schedule(harness: &str, default: u32) -> (u32, Moments) {
+    let kills = std::env::var("APPLIANCE_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(default);
+    let seed: u64 = std::env::var("APPLIANCE_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64 | 1)
+        });
+    eprintln!("{harness}: APPLIANCE_KILLS={kills} APPLIANCE_KILL_SEED={seed}");
+    (kills, Moments { seed, state: seed })
+}
+
+/// xorshift64*: the harnesses' kill moments, reproducible from the printed seed.
+pub struct Moments {
+    pub seed: u64,
+    state: u64,
+}
+
+impl Moments {
+    pub fn next_below(&mut self, bound: u64) -> u64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound.max(1)
+    }
+}
+
+/// The history a store recorded build by build equals what `history rebuild` derives from
+/// its images: none listed without its derivations, none recorded twice, the package
+/// steps' consequences marked alike; `appliance`'s builds are in it. `store_command` runs
+/// the binary on the store.
+pub fn assert_history_rederivable(
+    store_command: impl Fn(&[&str]) -> Command,
+    appliance: &str,
+    context: &str,
+) {
+    let run = |args: &[&str]| {
+        let output = store_command(args).output().expect("the binary runs");
+        assert!(output.status.success(), "{context}: {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let export = || {
+        let mut lines: Vec<String> = run(&["history", "export", "-"])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let recorded = export();
+    run(&["history", "rebuild"]);
+    let derived = export();
+    assert!(
+        derived.iter().any(|l| l.contains(&format!("{appliance}@"))),
+        "{context}: the history has {appliance}'s derivations: {derived:?}"
+    );
+    assert_eq!(recorded, derived, "{context}: the recorded history");
+}
