@@ -461,16 +461,28 @@ fn run_apt(
     let phase = std::time::Instant::now();
     let sandbox = work.sandbox()?;
     let cache = AptCache {
-        debs: exec.store.root().join("cache/debs"),
+        debs: exec.store.root().join(crate::packages::deb_cache::DEBS),
         lists: exec
             .store
             .root()
             .join(crate::store::download_caches::APT_LISTS),
     };
     let spinner = exec.reporter.spinner("apt");
-    let outcome = apt::install(&sandbox, &cache, scratch, request, |what| {
-        spinner.set_message(what.to_owned())
-    });
+    let outcome = apt::install(
+        &sandbox,
+        &cache,
+        scratch,
+        request,
+        |what| spinner.set_message(what.to_owned()),
+        |damaged| {
+            spinner.suspend(|| {
+                exec.reporter.warn(&format!(
+                    "cached package {damaged} differs from its entry in the package lists \
+                     (damaged on disk?): removed it, apt downloads it again"
+                ))
+            })
+        },
+    );
     spinner.finish_and_clear();
     match outcome {
         Ok(Ok(_log)) => {}

@@ -89,11 +89,12 @@ pub enum Command {
     /// Create a base image from a Debian suite with mmdebstrap
     #[command(subcommand)]
     Base(BaseCommand),
-    /// Remove objects no image references, leftovers of interrupted imports, cached
-    /// materialized trees of images that are gone, and package lists set aside
+    /// Remove objects no image references, leftovers of interrupted imports and downloads,
+    /// cached materialized trees of images that are gone, and package lists set aside
     Gc,
     /// Verify every object against its digest and every catalog reference, and the caches
-    /// builds reuse (materialized trees, OCI layer blobs, apt's package lists)
+    /// builds reuse (materialized trees, OCI layer blobs, apt's package lists and downloaded
+    /// packages); exits 1 when anything was wrong, also when `--repair` mended it
     Fsck(FsckArgs),
     /// Suggest what the appliances probably miss, learnt from the derivation history
     Suggest(SuggestArgs),

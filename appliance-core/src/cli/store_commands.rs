@@ -285,7 +285,7 @@ pub(crate) fn run_store_command(
                         human_bytes(report.removed_bytes as i64),
                         plural(report.removed_staging, "interrupted import"),
                         plural(report.removed_cached_trees, "cached tree"),
-                        plural(report.removed_cached_lists, "stale package list")
+                        plural(report.removed_stale_downloads, "stale download")
                     ),
                 );
             }

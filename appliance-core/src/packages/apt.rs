@@ -1,13 +1,14 @@
 //! apt inside a materialized image: a chroot in a private mount and PID namespace, so that
 //! nothing it mounts or starts outlives it or touches the host. No services start
 //! (`policy-rc.d` denies them), nothing asks questions (noninteractive), Recommends only when
-//! asked. Downloaded `.deb`s and the package lists are cached in the store and reused.
+//! asked. Downloaded `.deb`s (checked on use, [`super::deb_cache`]) and the package lists are
+//! cached in the store and reused.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
+use super::deb_cache;
 use crate::store::download_caches::{
     LISTS_DISCARD_PREFIX, LISTS_PARTIAL_PREFIX, LISTS_WHOLE_MARKER,
 };
@@ -376,6 +377,7 @@ pub fn install(
     scratch: &Path,
     request: &AptRequest,
     mut progress: impl FnMut(&str),
+    damaged_package: impl FnMut(&str),
 ) -> anyhow::Result<Result<String, Vec<UnknownPackage>>> {
     let root = sandbox.root();
     let lists = scratch.join("apt-lists");
@@ -430,7 +432,8 @@ pub fn install(
             .output;
         save_lists(&lists, &cached_lists)?;
     }
-    let known = index_package_names(&lists)?;
+    let index = deb_cache::PackageIndex::read(&lists)?;
+    let known = &index.names;
     let unknown: Vec<UnknownPackage> = request
         .install
         .iter()
@@ -446,7 +449,7 @@ pub fn install(
     if !unknown.is_empty() {
         return Ok(Err(unknown));
     }
-    link_debs(&cache.debs, &archives)?;
+    deb_cache::offer(&cache.debs, &archives, &index, damaged_package)?;
     let mut apt = vec![
         "apt-get",
         "-q",
@@ -482,7 +485,7 @@ pub fn install(
     ));
     let ran = sandbox.run_with(&apt, &binds);
     // Keep what was downloaded even when the install failed: the next try reuses it.
-    save_debs(&archives, &cache.debs)?;
+    deb_cache::keep(&archives, &cache.debs, &index)?;
     log += &ran?.output;
     // Checked again: apt's maintainer scripts ran in between.
     let apt_cache_dir = real_dir(root, "var/cache/apt")?;
@@ -538,74 +541,6 @@ fn sources_digest(root: &Path) -> anyhow::Result<String> {
         }
     }
     Ok(crate::store::tree::hex(&hasher.finalize()))
-}
-
-/// Package names (and what they provide) in the fetched indexes.
-fn index_package_names(lists: &Path) -> anyhow::Result<BTreeSet<String>> {
-    let mut names = BTreeSet::new();
-    for entry in fs_err::read_dir(lists)? {
-        let path = entry?.path();
-        if !path.to_string_lossy().ends_with("_Packages") {
-            continue;
-        }
-        let text = fs_err::read_to_string(&path)?;
-        for line in text.lines() {
-            if let Some(name) = line.strip_prefix("Package: ") {
-                names.insert(name.trim().to_owned());
-            } else if let Some(provides) = line.strip_prefix("Provides: ") {
-                for item in provides.split(',') {
-                    if let Some(name) = item.split_whitespace().next() {
-                        names.insert(name.to_owned());
-                    }
-                }
-            }
-        }
-    }
-    Ok(names)
-}
-
-fn list_debs(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
-    let mut debs = BTreeSet::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".deb") && entry.file_type().is_ok_and(|t| t.is_file()) {
-                debs.insert(name);
-            }
-        }
-    }
-    Ok(debs)
-}
-
-/// Offer the cached `.deb`s to apt (it checks each against the index before use).
-fn link_debs(cache: &Path, archives: &Path) -> anyhow::Result<()> {
-    for deb in list_debs(cache)? {
-        let target = archives.join(&deb);
-        if target.exists() {
-            continue;
-        }
-        if std::fs::hard_link(cache.join(&deb), &target).is_err() {
-            fs_err::copy(cache.join(&deb), &target)?;
-        }
-    }
-    Ok(())
-}
-
-fn save_debs(archives: &Path, cache: &Path) -> anyhow::Result<()> {
-    fs_err::create_dir_all(cache)?;
-    for deb in list_debs(archives)? {
-        let target = cache.join(&deb);
-        if target.exists() {
-            continue;
-        }
-        // Write under a temporary name first: a reader never sees half a package.
-        let temp = cache.join(format!(".{deb}.partial"));
-        if std::fs::hard_link(archives.join(&deb), &temp).is_err() {
-            fs_err::copy(archives.join(&deb), &temp)?;
-        }
-        fs_err::rename(&temp, &target)?;
-    }
-    Ok(())
 }
 
 fn save_lists(lists: &Path, cached: &Path) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 //! `/var/lib/dpkg/status` ([`dpkg`]).
 
 pub mod apt;
+pub mod deb_cache;
 pub mod debian;
 pub mod debian_version;
 pub mod overlay;

@@ -1,10 +1,11 @@
 //! The caches of downloaded and written bytes under the store — OCI layer blobs
-//! (`cache/oci/blobs/sha256/<hex>`, also skopeo's shared blob directory) and apt's package
-//! lists (`cache/apt-lists/<sources digest>/`) — as `fsck` checks them and `gc` tidies them.
+//! (`cache/oci/blobs/sha256/<hex>`, also skopeo's shared blob directory), apt's package
+//! lists (`cache/apt-lists/<sources digest>/`) and downloaded packages (`cache/debs/`, see
+//! [`crate::packages::deb_cache`]) — as `fsck` checks them and `gc` tidies them.
 //! Their writers put each entry in place by a rename of a whole file or directory, and their
-//! readers check what they can afford to (a blob's size, the lists' `.fetched` marker); `fsck`
-//! checks the rest (a blob's digest) and `--repair` removes what is wrong, for the next build
-//! to write again.
+//! readers check what they can afford to (a blob's size, the lists' `.fetched` marker, a
+//! package's hash when its file is new); `fsck` checks the rest (every digest) and `--repair`
+//! removes what is wrong, for the next build to write again.
 
 use std::io::Read as _;
 use std::path::Path;
@@ -67,10 +68,16 @@ impl Store {
                 }
             }
         }
+        damaged.extend(crate::packages::deb_cache::damaged(
+            &self.root().join(crate::packages::deb_cache::DEBS),
+            &self.root().join(APT_LISTS),
+            repair,
+        )?);
         Ok(damaged)
     }
 
-    /// For `gc`: lists renamed aside for deletion, and partial lists of builds long dead.
+    /// For `gc`: lists renamed aside for deletion, partial lists and packages of builds long
+    /// dead.
     pub(super) fn prune_download_caches(&self) -> anyhow::Result<usize> {
         let mut removed = 0;
         for entry in read_dir_if_any(&self.root().join(APT_LISTS))? {
@@ -88,6 +95,10 @@ impl Store {
                 removed += 1;
             }
         }
+        removed += crate::packages::deb_cache::prune_partial(
+            &self.root().join(crate::packages::deb_cache::DEBS),
+            PARTIAL_AGE,
+        )?;
         Ok(removed)
     }
 }

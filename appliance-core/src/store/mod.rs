@@ -187,8 +187,8 @@ pub struct GcReport {
     pub removed_bytes: u64,
     pub removed_staging: usize,
     pub removed_cached_trees: usize,
-    /// Package lists set aside for deletion or left partial by dead builds.
-    pub removed_cached_lists: usize,
+    /// Package lists set aside for deletion, lists and packages left partial by dead builds.
+    pub removed_stale_downloads: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -781,7 +781,7 @@ impl Store {
         }
         let live_trees = self.list()?.into_iter().map(|i| i.tree_digest).collect();
         report.removed_cached_trees = self.prune_materialized(&live_trees)?;
-        report.removed_cached_lists = self.prune_download_caches()?;
+        report.removed_stale_downloads = self.prune_download_caches()?;
         Ok(report)
     }
 
