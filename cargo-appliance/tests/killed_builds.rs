@@ -6,7 +6,10 @@
 //! moments; after every kill `fsck` finds no damage, the history is what the images say
 //! (none listed without its derivations), the next build succeeds by itself, and what it
 //! stored and wrote holds that round's inputs: the packages, the copied file, the script's
-//! output — the outputs being those of the newest stored images.
+//! output — the outputs being those of the newest stored images — and its images have the
+//! tree digests an uninterrupted build of the round gives (`SOURCE_DATE_EPOCH` is set, so
+//! the same inputs give the same trees) in a reference store: a copy of the store taken
+//! before the first kill, that builds every round once, never killed.
 //!
 //! `APPLIANCE_KILLS` random kills (2 by default, for CI; 60 or more for a long run) and
 //! `APPLIANCE_KILL_SEED` (printed) reproduce a schedule. Needs root (the sandbox).
@@ -79,8 +82,19 @@ fn text(output: &Output) -> String {
     )
 }
 
+/// Every build's `SOURCE_DATE_EPOCH`: a round's trees depend on its inputs only.
+const EPOCH: &str = "1700000000";
+
 struct Harness {
     work: tempfile::TempDir,
+}
+
+/// Where a store, its target directory and its workspace live: the harness' own, killed,
+/// or the reference, built uninterrupted.
+#[derive(Clone, Copy)]
+enum Side {
+    Killed,
+    Reference,
 }
 
 impl Harness {
@@ -109,8 +123,15 @@ impl Harness {
         harness
     }
 
+    fn root(&self, side: Side) -> PathBuf {
+        match side {
+            Side::Killed => self.work.path().to_path_buf(),
+            Side::Reference => self.work.path().join("reference"),
+        }
+    }
+
     fn workspace(&self) -> PathBuf {
-        self.work.path().join("ws")
+        self.root(Side::Killed).join("ws")
     }
 
     fn outputs(&self, appliance: &str) -> PathBuf {
@@ -120,27 +141,82 @@ impl Harness {
     /// The binary on this harness' store and target directory, with a cache of one
     /// materialized tree: each package step's copy evicts the other's.
     fn command(&self, args: &[&str]) -> Command {
+        self.command_on(Side::Killed, args)
+    }
+
+    fn command_on(&self, side: Side, args: &[&str]) -> Command {
+        let root = self.root(side);
         let mut command = binary();
         command
-            .current_dir(self.work.path())
+            .current_dir(&root)
             .arg("--store")
-            .arg(self.work.path().join("store"))
+            .arg(root.join("store"))
             .args(args)
-            .env("CARGO_TARGET_DIR", self.work.path().join("target"))
-            .env("APPLIANCE_CACHED_TREES", "1");
+            .env("CARGO_TARGET_DIR", root.join("target"))
+            .env("APPLIANCE_CACHED_TREES", "1")
+            .env("SOURCE_DATE_EPOCH", EPOCH);
         command
     }
 
     fn set_round(&self, round: u32) {
-        let ws = self.workspace();
-        std::fs::write(ws.join("appliance.kdl"), manifest(round)).expect("write");
-        std::fs::write(ws.join("motd"), motd(round)).expect("write");
+        for side in [Side::Killed, Side::Reference] {
+            let ws = self.root(side).join("ws");
+            if ws.is_dir() {
+                std::fs::write(ws.join("appliance.kdl"), manifest(round)).expect("write");
+                std::fs::write(ws.join("motd"), motd(round)).expect("write");
+            }
+        }
     }
 
     fn build(&self) -> Command {
-        let mut command = self.command(&["build", "--manifest-path"]);
-        command.arg(self.workspace().join("Cargo.toml"));
+        self.build_on(Side::Killed)
+    }
+
+    fn build_on(&self, side: Side) -> Command {
+        let mut command = self.command_on(side, &["build", "--manifest-path"]);
+        command.arg(self.root(side).join("ws/Cargo.toml"));
         command
+    }
+
+    /// The reference: a copy of the store and workspace as they are now (uninterrupted so
+    /// far), without outputs.
+    fn start_reference(&self) {
+        let reference = self.root(Side::Reference);
+        std::fs::create_dir_all(&reference).expect("mkdir");
+        for what in ["store", "ws"] {
+            let copied = Command::new("cp")
+                .arg("-a")
+                .arg(self.work.path().join(what))
+                .arg(&reference)
+                .output()
+                .expect("cp runs");
+            assert!(copied.status.success(), "{}", text(&copied));
+        }
+    }
+
+    /// The round built uninterrupted in the reference store (with the lock the recovered
+    /// build wrote, so both install the same versions) gives the images the same trees.
+    fn equals_uninterrupted(&self, context: &str) {
+        std::fs::copy(
+            self.workspace().join("Appliance.lock"),
+            self.root(Side::Reference).join("ws/Appliance.lock"),
+        )
+        .expect("copy the lock");
+        let output = self.build_on(Side::Reference).output().expect("runs");
+        assert!(
+            output.status.success(),
+            "{context}: the reference build: {}",
+            text(&output)
+        );
+        for appliance in ["side", "stopped"] {
+            let killed = self.newest_on(Side::Killed, appliance, context);
+            let reference = self.newest_on(Side::Reference, appliance, context);
+            assert_eq!(
+                killed["tree_digest"], reference["tree_digest"],
+                "{context}: {appliance}'s tree differs from an uninterrupted build's \
+                 ({killed} and {reference})"
+            );
+        }
     }
 
     fn build_ok(&self, context: &str) -> String {
@@ -161,7 +237,16 @@ impl Harness {
 
     /// The newest stored image of `appliance`, as `images --message-format json` lists it.
     fn newest(&self, appliance: &str, context: &str) -> serde_json::Value {
-        self.ok(&["images", "--message-format", "json"], context)
+        self.newest_on(Side::Killed, appliance, context)
+    }
+
+    fn newest_on(&self, side: Side, appliance: &str, context: &str) -> serde_json::Value {
+        let output = self
+            .command_on(side, &["images", "--message-format", "json"])
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{context}: {}", text(&output));
+        String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|i| i["name"] == appliance)
@@ -170,13 +255,15 @@ impl Harness {
     }
 
     /// After a killed build: no damage, the history whole, the next build succeeds by
-    /// itself and stores and writes this round's inputs.
+    /// itself, stores and writes this round's inputs, and its trees are an uninterrupted
+    /// build's.
     fn recovers(&self, round: u32, context: &str) {
         let fsck = self.command(&["fsck"]).output().expect("fsck runs");
         assert!(fsck.status.success(), "{context}: {}", text(&fsck));
         self.build_ok(context);
         self.history_is_whole(context);
         self.holds_round(round, context);
+        self.equals_uninterrupted(context);
     }
 
     /// Every stored image with a parent has its derivations in the history.
@@ -347,6 +434,7 @@ fn full_builds_killed_at_fault_points_and_random_moments_recover_by_themselves()
     let span = started.elapsed();
     harness.holds_round(1, "an uninterrupted round");
     eprintln!("an uninterrupted round's build: {span:?}");
+    harness.start_reference();
 
     let mut round = 1;
     for point in FAULT_POINTS {

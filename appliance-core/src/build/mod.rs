@@ -456,11 +456,7 @@ impl<'a> Context<'a> {
             workspace_stamp: None,
             // One read of the catalog per build; images this build stores are added as it goes.
             images: store.list_cached(&workspace.target_dir.join("appliance/.images.json"))?,
-            epoch: crate::store::export::source_date_epoch().unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64)
-            }),
+            epoch: crate::store::export::source_date_epoch().unwrap_or_else(unix_seconds_now),
         })
     }
 
@@ -933,6 +929,13 @@ fn is_bootable(appliance: &Appliance) -> bool {
         crate::output::Format::parse(&o.format.value)
             .is_some_and(crate::output::Format::is_bootable)
     })
+}
+
+/// The time now as file times count it (seconds since the Unix epoch).
+fn unix_seconds_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]

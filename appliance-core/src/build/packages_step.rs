@@ -349,6 +349,18 @@ impl WorkRoot {
     }
 }
 
+/// Files that record when apt ran (its and dpkg's logs, ldconfig's cache of file times):
+/// with `SOURCE_DATE_EPOCH` a package step leaves them as they were in its start tree, as
+/// mmdebstrap's `cleanup/reproducible` removes them from a base.
+const BUILD_TIME_RECORDS: [&str; 6] = [
+    "var/log/dpkg.log",
+    "var/log/alternatives.log",
+    "var/log/apt/history.log",
+    "var/log/apt/term.log",
+    "var/log/apt/eipp.log.xz",
+    "var/cache/ldconfig/aux-cache",
+];
+
 /// Run apt on `start` in the sandbox, store the result as a child of `start`.
 pub fn execute(
     exec: &Execution<'_>,
@@ -374,6 +386,7 @@ pub fn execute(
             recommends: wish.recommends,
             offline: exec.offline,
         };
+        let started = super::unix_seconds_now();
         let mut upper_layer = upper_layer_for_this_machine();
         let mut attempt = 0;
         let work = loop {
@@ -397,7 +410,25 @@ pub fn execute(
         let phase = std::time::Instant::now();
         let spinner = exec.reporter.spinner("storing the package image");
         let mut import_staging = store.staging()?;
-        let imported = work.import(tree, &mut import_staging)?;
+        let records_before: Vec<(&str, Option<crate::store::tree::Entry>)> = BUILD_TIME_RECORDS
+            .iter()
+            .map(|path| (*path, tree.get(path).cloned()))
+            .collect();
+        let mut imported = work.import(tree, &mut import_staging)?;
+        // With `SOURCE_DATE_EPOCH`, the same inputs give the same tree digest: what apt and
+        // the packages' scripts wrote carries that time instead of the moment of the build,
+        // and the logs that record the moment are kept as they were.
+        if let Some(epoch) = crate::store::export::source_date_epoch() {
+            for (path, before) in records_before {
+                match before {
+                    Some(entry) => {
+                        imported.tree.insert(path, entry)?;
+                    }
+                    None => imported.tree.remove(path),
+                }
+            }
+            imported.tree.clamp_mtimes_since(started, epoch);
+        }
         let record = store.commit_tree(
             &NewTree {
                 name: exec.image_name.clone(),

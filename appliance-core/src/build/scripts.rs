@@ -114,6 +114,7 @@ impl Context<'_> {
         let work = store.staging()?;
         let root = work.dir().join("root");
         let result = (|| -> Result<ImageRecord, BuildError> {
+            let started = super::unix_seconds_now();
             crate::store::export::export_directory(&tree, &store.objects(), &root)?;
             let space = packages_step::script_space();
             let overlay = match space {
@@ -186,7 +187,7 @@ impl Context<'_> {
             sandbox.finish()?;
             let mut import_staging = store.staging()?;
             let limits = crate::store::import::Limits::default();
-            let imported = match overlay {
+            let mut imported = match overlay {
                 Some(overlay) => {
                     let unmounted = overlay.unmount()?;
                     crate::store::import::apply_overlay_upper(
@@ -207,6 +208,9 @@ impl Context<'_> {
             };
             // Dropped before the commit's sync, which would otherwise flush its pages.
             fs_err::remove_dir_all(&root)?;
+            // What the scripts wrote gets the time the editor gives its entries
+            // (`SOURCE_DATE_EPOCH`, or the build's start), not the moment it was written.
+            imported.tree.clamp_mtimes_since(started, self.epoch);
             Ok(store.commit_tree(
                 new,
                 &imported.tree,

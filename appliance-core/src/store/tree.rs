@@ -201,6 +201,21 @@ impl Tree {
         self.entries.get(path)
     }
 
+    /// Give every entry last modified at or after `since` the time `to`; the count changed.
+    /// What a step in the sandbox wrote carries the time it ran at, and `SOURCE_DATE_EPOCH`
+    /// asks for a tree that depends on the inputs only (files unpacked from packages keep
+    /// their packages' times, which are older).
+    pub fn clamp_mtimes_since(&mut self, since: i64, to: i64) -> usize {
+        let mut changed = 0;
+        for entry in self.entries.values_mut() {
+            if entry.mtime >= since && entry.mtime != to {
+                entry.mtime = to;
+                changed += 1;
+            }
+        }
+        changed
+    }
+
     /// Build a tree from catalog rows, which already satisfy the invariants.
     pub fn from_entries(entries: BTreeMap<String, Entry>) -> Self {
         let mut tree = Self { entries };
@@ -766,5 +781,26 @@ mod tests {
         ));
         tree.insert("e", Entry::dir(0o700)).expect("ok");
         assert!(tree.insert("e", symlink("/")).is_ok());
+    }
+
+    #[test]
+    fn clamping_changes_only_entries_written_since_the_step_started() {
+        let mut tree = Tree::new();
+        let at = |mtime: i64| Entry {
+            mtime,
+            ..file("1")
+        };
+        tree.insert("old", at(1_000)).expect("ok");
+        tree.insert("written", at(5_000)).expect("ok");
+        tree.insert("later", at(6_000)).expect("ok");
+        let before = tree.digest();
+        assert_eq!(tree.clamp_mtimes_since(5_000, 2_000), 2);
+        assert_ne!(tree.digest(), before);
+        let times: Vec<i64> = ["old", "written", "later"]
+            .iter()
+            .map(|p| tree.get(p).expect("entry").mtime)
+            .collect();
+        assert_eq!(times, [1_000, 2_000, 2_000]);
+        assert_eq!(tree.clamp_mtimes_since(5_000, 2_000), 0, "nothing left to clamp");
     }
 }
