@@ -43,6 +43,8 @@ fn main() -> anyhow::Result<()> {
         Change::new("package-added", "curl"),
         Change::new("user-added", "www-data"),
     ];
+    // The seed's item model, as a seeded store's suggestions use it.
+    let model = Some(appliance_core::suggest::item_model::ItemModel::of_seed()?);
     let mut phases: [Vec<Duration>; 3] = Default::default();
     for _ in 0..RUNS {
         let started = Instant::now();
@@ -53,7 +55,7 @@ fn main() -> anyhow::Result<()> {
             pattern: &pattern,
             excluding: &excluding,
         };
-        let ranked = stats::sql_suggest(&conn, scope, &known, 5)?;
+        let ranked = stats::sql_suggest(&conn, scope, &known, model, 5)?;
         let total = started.elapsed();
         assert_eq!(ranked.len(), 5);
         for (samples, sample) in phases.iter_mut().zip([total, scoped, total - scoped]) {

@@ -463,7 +463,7 @@ pub(crate) fn run_store_command(
             } else {
                 Part::Test
             };
-            let evaluation = held_out(&derivations, part);
+            let evaluation = held_out(&derivations, part)?;
             if json {
                 print_json(&evaluation)?;
             } else {

@@ -786,10 +786,7 @@ mod tests {
     #[test]
     fn clamping_changes_only_entries_written_since_the_step_started() {
         let mut tree = Tree::new();
-        let at = |mtime: i64| Entry {
-            mtime,
-            ..file("1")
-        };
+        let at = |mtime: i64| Entry { mtime, ..file("1") };
         tree.insert("old", at(1_000)).expect("ok");
         tree.insert("written", at(5_000)).expect("ok");
         tree.insert("later", at(6_000)).expect("ok");
@@ -801,6 +798,10 @@ mod tests {
             .map(|p| tree.get(p).expect("entry").mtime)
             .collect();
         assert_eq!(times, [1_000, 2_000, 2_000]);
-        assert_eq!(tree.clamp_mtimes_since(5_000, 2_000), 0, "nothing left to clamp");
+        assert_eq!(
+            tree.clamp_mtimes_since(5_000, 2_000),
+            0,
+            "nothing left to clamp"
+        );
     }
 }

@@ -9,6 +9,7 @@
 use serde::Serialize;
 
 use super::engine::{Index, Scored, fnv};
+use super::item_model::ItemModel;
 use crate::change::Change;
 use crate::store::derivations::Derivation;
 
@@ -63,7 +64,7 @@ pub enum Part {
     Validation,
 }
 
-pub fn held_out(derivations: &[Derivation], part: Part) -> HeldOut {
+pub fn held_out(derivations: &[Derivation], part: Part) -> anyhow::Result<HeldOut> {
     let (test, train): (Vec<&Derivation>, Vec<&Derivation>) = match part {
         Part::Test => derivations.iter().partition(|d| is_test(&d.child)),
         // A fifth of the train part by another hash; the test part is not even read.
@@ -73,7 +74,8 @@ pub fn held_out(derivations: &[Derivation], part: Part) -> HeldOut {
             .partition(|d| fnv(&format!("{}#validation", d.child)).is_multiple_of(TEST_ONE_IN)),
     };
     let train_rows: Vec<(i64, Derivation)> = train.iter().map(|d| (0, (*d).clone())).collect();
-    let index = Index::build(&train_rows);
+    // The item model too is fitted on the train part only.
+    let index = Index::build(&train_rows).with_model(ItemModel::fit(train.iter().copied())?);
     let kinds = GROUPS
         .iter()
         .map(|(label, kinds, minimum)| {
@@ -122,12 +124,12 @@ pub fn held_out(derivations: &[Derivation], part: Part) -> HeldOut {
             }
         })
         .collect();
-    HeldOut {
+    Ok(HeldOut {
         part,
         train: train.len(),
         test: test.len(),
         kinds,
-    }
+    })
 }
 
 fn position(ranking: &[Scored], hidden: &Change) -> Option<usize> {
@@ -180,7 +182,7 @@ mod tests {
                     .collect(),
             });
         }
-        let evaluation = held_out(&history, Part::Test);
+        let evaluation = held_out(&history, Part::Test).expect("evaluation");
         assert_eq!(evaluation.train + evaluation.test, 400);
         let packages = &evaluation.kinds[0];
         assert_eq!(packages.kind, "packages");

@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod engine;
 pub mod evaluate;
+pub mod item_model;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -310,6 +311,18 @@ fn compute(
     if derivations == 0 {
         return Ok(Vec::new());
     }
+    // The seed's item model ranks with the history it was fitted on: not once the seed is
+    // removed (`history rm --origin seed`).
+    let seeded: i64 = conn.query_row(
+        "SELECT count(*) FROM derivations WHERE origin = ?",
+        [crate::history::seed::ORIGIN],
+        |row| row.get(0),
+    )?;
+    let model = if seeded > 0 {
+        Some(item_model::ItemModel::of_seed()?)
+    } else {
+        None
+    };
     let all = appliances_by_name(report);
     let mut found = Vec::new();
     for (_, appliance) in report.appliances() {
@@ -342,7 +355,7 @@ fn compute(
         };
         let (seed, other) = stats::scope_origins(conn, scope)?;
         let phrase = stats::scope_phrase(&scope_label, seed, other);
-        let candidates = sql_suggest(conn, scope, &known, limit * 4 + ignored.len())?
+        let candidates = sql_suggest(conn, scope, &known, model, limit * 4 + ignored.len())?
             .into_iter()
             .filter(|ranked| {
                 // Histories recorded before the rule (or imported) may still hold plumbing.

@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use duckdb::{Connection, params, params_from_iter, types::Value};
 
 use super::engine;
+use super::item_model::{ItemModel, MODELLED_KIND};
 use crate::change::Change;
 
 pub use crate::diagnostics::Evidence;
@@ -434,23 +435,53 @@ pub fn sql_rank(
     conn: &Connection,
     pattern: &str,
     known: &[Change],
+    model: Option<&ItemModel>,
     limit: usize,
 ) -> anyhow::Result<Vec<engine::Scored>> {
-    Ok(sql_suggest(conn, Scope::parents(pattern), known, limit)?
-        .into_iter()
-        .map(|ranked| ranked.scored)
-        .collect())
+    Ok(
+        sql_suggest(conn, Scope::parents(pattern), known, model, limit)?
+            .into_iter()
+            .map(|ranked| ranked.scored)
+            .collect(),
+    )
 }
 
 /// The best `limit` changes for an appliance with `known` changes, ranked as [`engine`]
-/// documents, each with its evidence.
+/// documents (with `model`'s scores blended in, when given), each with its evidence.
 pub fn sql_suggest(
     conn: &Connection,
     scope: Scope<'_>,
     known: &[Change],
+    model: Option<&ItemModel>,
     limit: usize,
 ) -> anyhow::Result<Vec<Ranked>> {
     let mut query = Query::shared(scope, known);
+    // The model's scores are computed here from its rows (a few per known package) and
+    // joined as a table: the model is not part of the history.
+    let modelled: Vec<(&str, f64)> = model.map_or_else(Vec::new, |model| {
+        let mut scores: Vec<(&str, f64)> = model.scores(known).into_iter().collect();
+        scores.sort_by(|a, b| a.0.cmp(b.0));
+        scores
+    });
+    query.text("\n             modelled AS (SELECT i.id AS item, m.score FROM ");
+    if modelled.is_empty() {
+        query.text("(SELECT NULL::VARCHAR AS subject, NULL::DOUBLE AS score WHERE false) AS m");
+    } else {
+        query.text("(VALUES ");
+        for (position, (package, score)) in modelled.iter().enumerate() {
+            query
+                .text(if position == 0 { "(" } else { ", (" })
+                .value((*package).to_owned())
+                .text("::VARCHAR, ")
+                .value(*score)
+                .text("::DOUBLE)");
+        }
+        query.text(") AS m(subject, score)");
+    }
+    query
+        .text(" JOIN items i ON i.kind = ")
+        .value(MODELLED_KIND.to_owned())
+        .text(" AND i.subject = m.subject),");
     query
         .text(
             "
@@ -471,20 +502,41 @@ pub fn sql_suggest(
                  SELECT nc.item, sum(w.w) AS score
                  FROM neighbour_changes nc JOIN weights w USING (derivation) GROUP BY nc.item
              ),
+             ours AS (
+                 SELECT s.item, i.kind, i.subject,
+                        coalesce(v.score, 0) + ",
+        )
+        .value(engine::PRIOR)
+        .text(
+            " * s.n / (SELECT n FROM scope_size) AS ours,
+                        coalesce(m.score, 0) AS modelled
+                 FROM support s LEFT JOIN votes v USING (item) JOIN items i ON i.id = s.item
+                 LEFT JOIN modelled m ON m.item = s.item
+                 WHERE s.item NOT IN (SELECT item FROM known)
+             ),
+             blended AS (
+                 SELECT item, kind, subject, ",
+        );
+    if model.is_some() {
+        // Each part scaled by its largest value over the same rows, as the engine does.
+        query
+            .text("(1 - ")
+            .value(engine::BLEND)
+            .text(") * coalesce(ours / nullif(greatest(max(ours) OVER (), 0), 0), 0) + ")
+            .value(engine::BLEND)
+            .text(" * coalesce(modelled / nullif(greatest(max(modelled) OVER (), 0), 0), 0)");
+    } else {
+        query.text("ours");
+    }
+    query
+        .text(
+            " AS score FROM ours
+             ),
              candidates AS MATERIALIZED (
                  SELECT row_number() OVER (ORDER BY score DESC, kind, subject) AS position,
                         item, kind, subject, score
                  FROM (
-                     SELECT s.item, i.kind, i.subject,
-                            coalesce(v.score, 0) + ",
-        )
-        .value(engine::PRIOR)
-        .text(
-            " * s.n / (SELECT n FROM scope_size) AS score
-                     FROM support s LEFT JOIN votes v USING (item) JOIN items i ON i.id = s.item
-                     WHERE s.item NOT IN (SELECT item FROM known)
-                     ORDER BY score DESC, i.kind, i.subject
-                     LIMIT ",
+                     SELECT * FROM blended ORDER BY score DESC, kind, subject LIMIT ",
         )
         .value(limit as i64)
         .text(")),")
@@ -516,32 +568,47 @@ mod tests {
         let derivations = history();
         let conn = database(&derivations);
         let loaded = load(&conn).expect("load");
-        let index = engine::Index::build(&loaded);
-        for known in [
-            vec![],
-            vec![Change::new("package-added", "nginx")],
-            vec![
-                Change::new("package-added", "curl"),
-                Change::new("package-added", "vim"),
-            ],
-            vec![
-                Change::new("package-added", "nginx"),
-                Change::new("user-added", "www"),
-            ],
-        ] {
-            let (label, pattern, size) = sql_scope(&conn, "debian/bookworm").expect("scope");
-            let scope = index.scope("debian/bookworm");
-            assert_eq!(
-                (label.as_str(), pattern.as_str(), size as usize),
-                (scope.label.as_str(), scope.pattern.as_str(), scope.size)
-            );
-            let from_sql = sql_rank(&conn, &pattern, &known, 6).expect("sql ranking");
-            let in_memory = index.suggest(&scope, &known, None, None, 6);
-            let names =
-                |list: &[engine::Scored]| list.iter().map(|s| s.change.key()).collect::<Vec<_>>();
-            assert_eq!(names(&from_sql), names(&in_memory), "known {known:?}");
-            for (a, b) in from_sql.iter().zip(&in_memory) {
-                assert!((a.score - b.score).abs() < 1e-9, "{a:?} vs {b:?}");
+        let model = ItemModel::fit(loaded.iter().map(|(_, d)| d)).expect("fit");
+        assert!(!model.is_empty(), "the fixture has packages to model");
+        for with_model in [false, true] {
+            let index = engine::Index::build(&loaded);
+            let index = if with_model {
+                index.with_model(model.clone())
+            } else {
+                index
+            };
+            for known in [
+                vec![],
+                vec![Change::new("package-added", "nginx")],
+                vec![
+                    Change::new("package-added", "curl"),
+                    Change::new("package-added", "vim"),
+                ],
+                vec![
+                    Change::new("package-added", "nginx"),
+                    Change::new("user-added", "www"),
+                ],
+            ] {
+                let (label, pattern, size) = sql_scope(&conn, "debian/bookworm").expect("scope");
+                let scope = index.scope("debian/bookworm");
+                assert_eq!(
+                    (label.as_str(), pattern.as_str(), size as usize),
+                    (scope.label.as_str(), scope.pattern.as_str(), scope.size)
+                );
+                let from_sql = sql_rank(&conn, &pattern, &known, with_model.then_some(&model), 6)
+                    .expect("sql ranking");
+                let in_memory = index.suggest(&scope, &known, None, None, 6);
+                let names = |list: &[engine::Scored]| {
+                    list.iter().map(|s| s.change.key()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    names(&from_sql),
+                    names(&in_memory),
+                    "known {known:?}, model {with_model}"
+                );
+                for (a, b) in from_sql.iter().zip(&in_memory) {
+                    assert!((a.score - b.score).abs() < 1e-9, "{a:?} vs {b:?}");
+                }
             }
         }
     }
@@ -678,8 +745,8 @@ mod tests {
             check(change, evidence);
         }
         assert!(evidence[1].scope_with > 0, "vim is in the fixture history");
-        let ranked =
-            sql_suggest(&conn, Scope::parents("debian/bookworm"), &known, 8).expect("ranking");
+        let ranked = sql_suggest(&conn, Scope::parents("debian/bookworm"), &known, None, 8)
+            .expect("ranking");
         let mut candidates: Vec<&Change> = in_scope
             .iter()
             .flat_map(|d| &d.changes)
@@ -734,7 +801,7 @@ mod tests {
         let fresh = database(&kept);
         let known = [Change::new("package-added", "curl")];
         let names = |conn: &Connection| -> Vec<(String, i64)> {
-            sql_rank(conn, "%", &known, 8)
+            sql_rank(conn, "%", &known, None, 8)
                 .expect("rank")
                 .into_iter()
                 .map(|s| (s.change.key(), (s.score * 1e9).round() as i64))
