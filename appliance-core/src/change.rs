@@ -234,7 +234,8 @@ pub fn change_kind(name: &str) -> Option<&'static ChangeKind> {
 }
 
 /// Files the build writes itself for every appliance of a kind: hostnames, networking for
-/// disk outputs, boot, machine identity, and the account databases (whose entries are
+/// disk outputs, boot, machine identity, the SSH host keys it removes from disk images (and
+/// the unit that makes them at first boot), and the account databases (whose entries are
 /// `user-added`/`group-added` already). A change to one of them is plumbing, not a choice.
 pub const PLUMBING_PATHS: &[&str] = &[
     "/etc/hosts",
@@ -243,6 +244,15 @@ pub const PLUMBING_PATHS: &[&str] = &[
     "/var/lib/dbus/machine-id",
     "/etc/kernel/cmdline",
     "/etc/systemd/network/80-appliance-dhcp.network",
+    "/etc/systemd/system/cargo-appliance-ssh-host-keys.service",
+    "/etc/ssh/ssh_host_rsa_key",
+    "/etc/ssh/ssh_host_rsa_key.pub",
+    "/etc/ssh/ssh_host_ecdsa_key",
+    "/etc/ssh/ssh_host_ecdsa_key.pub",
+    "/etc/ssh/ssh_host_ed25519_key",
+    "/etc/ssh/ssh_host_ed25519_key.pub",
+    "/etc/ssh/ssh_host_dsa_key",
+    "/etc/ssh/ssh_host_dsa_key.pub",
     "/etc/passwd",
     "/etc/passwd-",
     "/etc/group",
@@ -258,14 +268,15 @@ pub const PLUMBING_PATHS: &[&str] = &[
 /// Directories whose content the build or the boot packages write (the ESP, kernels).
 pub const PLUMBING_DIRS: &[&str] = &["/boot/", "/efi/"];
 
-/// Units the build enables for disk outputs (systemd-networkd answers QEMU's DHCP), with the
-/// aliases and companions `systemctl enable` links for them.
+/// Units the build enables for disk outputs (systemd-networkd answers QEMU's DHCP, the host
+/// keys' first-boot unit), with the aliases and companions `systemctl enable` links for them.
 pub const PLUMBING_UNITS: &[&str] = &[
     "systemd-networkd.service",
     "systemd-networkd.socket",
     "systemd-networkd-wait-online.service",
     "systemd-network-generator.service",
     "dbus-org.freedesktop.network1.service",
+    "cargo-appliance-ssh-host-keys.service",
 ];
 
 /// What a running system writes by itself, which `cargo appliance capture` leaves out of a

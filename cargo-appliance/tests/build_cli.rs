@@ -1011,6 +1011,30 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
     // filesystems hold them, against the store's own export of the image.
     let exported = work.path().join("exported");
     env.export("web", &exported);
+    // No SSH host keys in the image (openssh-server's installation made some): every
+    // machine makes its own at first boot, by a unit sshd waits for.
+    let host_keys: Vec<String> = std::fs::read_dir(exported.join("etc/ssh"))
+        .expect("/etc/ssh")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("ssh_host_"))
+        .collect();
+    assert!(host_keys.is_empty(), "{host_keys:?}");
+    let unit = std::fs::read_to_string(
+        exported.join("etc/systemd/system/cargo-appliance-ssh-host-keys.service"),
+    )
+    .expect("the host keys' unit");
+    assert!(
+        unit.contains("ExecStart=/usr/bin/ssh-keygen -A") && unit.contains("Before=ssh.service"),
+        "{unit}"
+    );
+    assert!(
+        std::fs::symlink_metadata(exported.join(
+            "etc/systemd/system/multi-user.target.wants/cargo-appliance-ssh-host-keys.service"
+        ))
+        .is_ok(),
+        "the unit is enabled"
+    );
     let mut expected = directory_listing(&exported);
     // The disk's fstab names its root filesystem; the image's own is the one it came with.
     expected.remove("etc/fstab");

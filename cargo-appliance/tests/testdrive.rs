@@ -213,6 +213,8 @@ fn a_test_drive_is_changed_over_ssh_and_captured_back_into_the_manifest() {
             .unwrap_or_default();
         panic!("SSH never answered; console:\n{serial}");
     }
+    // SSH answered: sshd had host keys, made at this first boot (the image has none).
+    drive.guest("test -s /etc/ssh/ssh_host_ed25519_key && test -s /etc/ssh/ssh_host_rsa_key");
     // The five changes, made as a user would.
     let deb = download_deb("tree", &work.path().join("debs"));
     let copied = drive.ssh(&["cat", ">", "/tmp/tree.deb"], Some(&deb));
@@ -287,6 +289,10 @@ fn a_test_drive_is_changed_over_ssh_and_captured_back_into_the_manifest() {
     assert!(
         ignored.contains("\"/root/.ssh/authorized_keys\""),
         "{ignored}"
+    );
+    assert!(
+        ignored.contains("\"/etc/ssh/ssh_host_ed25519_key\""),
+        "the keys made at first boot are the machine's, not the image's: {ignored}"
     );
     let consequences = summary["consequences"].to_string();
     assert!(

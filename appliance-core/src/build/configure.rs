@@ -155,7 +155,7 @@ pub(super) fn apply(
 }
 
 /// What a booting appliance needs beyond its packages: DHCP on the first Ethernet link by
-/// systemd-networkd (QEMU's user network answers it).
+/// systemd-networkd (QEMU's user network answers it), and SSH host keys of its own.
 pub(super) fn configure_boot(editor: &mut TreeEditor) -> anyhow::Result<()> {
     let network = "/etc/systemd/network/80-appliance-dhcp.network";
     if !editor.exists(network) {
@@ -169,6 +169,49 @@ pub(super) fn configure_boot(editor: &mut TreeEditor) -> anyhow::Result<()> {
         )?;
     }
     systemd::enable(editor, "systemd-networkd.service")?;
+    own_ssh_host_keys(editor)?;
+    Ok(())
+}
+
+/// The SSH host keys `ssh-keygen -A` makes (and openssh-server's installation made in the
+/// package step): left in a disk image, every machine made from it would have the same
+/// ones, and whoever holds one image could pose as all of them.
+const SSH_HOST_KEYS: [&str; 4] = ["rsa", "ecdsa", "ed25519", "dsa"];
+
+/// The unit that makes a machine's own host keys at its first boot, before sshd starts.
+pub const SSH_HOST_KEYS_UNIT: &str = "cargo-appliance-ssh-host-keys.service";
+
+const SSH_HOST_KEYS_UNIT_TEXT: &str = "\
+# Written by cargo-appliance for disk outputs: the image carries no SSH host keys, so
+# every machine made from it makes its own at its first boot.
+[Unit]
+Description=Make this machine's SSH host keys
+ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
+Before=ssh.service ssh.socket
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// Keys of a booting appliance are its own: the image's are removed, and a unit makes new
+/// ones at first boot (only where sshd is installed).
+fn own_ssh_host_keys(editor: &mut TreeEditor) -> anyhow::Result<()> {
+    if !editor.exists("/usr/sbin/sshd") {
+        return Ok(());
+    }
+    for kind in SSH_HOST_KEYS {
+        for suffix in ["", ".pub"] {
+            editor.remove(&format!("/etc/ssh/ssh_host_{kind}_key{suffix}"))?;
+        }
+    }
+    let unit = format!("/etc/systemd/system/{SSH_HOST_KEYS_UNIT}");
+    editor.mkdir("/etc/systemd/system", 0o755, 0, 0)?;
+    editor.write(&unit, SSH_HOST_KEYS_UNIT_TEXT.as_bytes(), 0o644, 0, 0)?;
+    systemd::enable(editor, SSH_HOST_KEYS_UNIT)?;
     Ok(())
 }
 

@@ -155,6 +155,16 @@ impl TreeEditor {
         Ok(())
     }
 
+    /// Remove the entry at `path` itself (a symlink, not what it points to); none is fine.
+    pub fn remove(&mut self, path: &str) -> anyhow::Result<()> {
+        let key = Self::key(path)?;
+        // A directory on the way that is missing holds nothing to remove.
+        if let Ok(landed) = self.tree.resolve(&key, false) {
+            self.tree.remove(&landed);
+        }
+        Ok(())
+    }
+
     pub fn exists(&mut self, path: &str) -> bool {
         Self::key(path)
             .ok()
