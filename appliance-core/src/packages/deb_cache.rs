@@ -10,12 +10,10 @@
 //! them all against every cached set of lists.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 /// The cached packages, under the store's root.
 pub const DEBS: &str = "cache/debs";
@@ -177,7 +175,7 @@ impl<'a> Hashes<'a> {
         {
             return Ok(known.sha256.clone());
         }
-        let sha256 = file_sha256(&path)?;
+        let sha256 = crate::store::download_caches::file_sha256(&path)?;
         self.verified.files.insert(
             name.to_owned(),
             Hashed {
@@ -249,7 +247,7 @@ pub fn keep(archives: &Path, cache: &Path, index: &PackageIndex) -> anyhow::Resu
         let Some(expected) = index.files.get(&name) else {
             continue;
         };
-        if file_sha256(&archives.join(&name))? != expected.sha256 {
+        if crate::store::download_caches::file_sha256(&archives.join(&name))? != expected.sha256 {
             continue;
         }
         let temp = cache.join(format!(".{name}.{}{SAVING_SUFFIX}", std::process::id()));
@@ -302,7 +300,7 @@ pub fn damaged(cache: &Path, lists: &Path, repair: bool) -> anyhow::Result<Vec<S
         };
         let path = cache.join(name);
         // Hashed again whatever the memo says: fsck is where bytes rotting in place show.
-        let actual = file_sha256(&path)?;
+        let actual = crate::store::download_caches::file_sha256(&path)?;
         if !hashes_listed.contains(&actual) {
             damaged.push(format!(
                 "cached package {}: its content hashes to {actual}, not to what the package lists say",
@@ -357,22 +355,10 @@ fn cached_packages(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
     Ok(debs)
 }
 
-fn file_sha256(path: &Path) -> anyhow::Result<String> {
-    let mut file = fs_err::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            return Ok(crate::store::tree::hex(&hasher.finalize()));
-        }
-        hasher.update(&buffer[..n]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest as _, Sha256};
 
     const PACKAGES: &str = "Package: tree\n\
 Version: 2.1.0-1\n\

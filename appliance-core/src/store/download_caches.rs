@@ -41,7 +41,7 @@ impl Store {
             if name.starts_with('.') || !entry.file_type()?.is_file() {
                 continue;
             }
-            let actual = file_digest(&entry.path())?;
+            let actual = file_sha256(&entry.path())?;
             if actual != name {
                 damaged.push(format!(
                     "OCI layer cache {}: its content hashes to {actual}",
@@ -112,7 +112,8 @@ fn read_dir_if_any(path: &Path) -> anyhow::Result<Vec<std::io::Result<std::fs::D
     }
 }
 
-fn file_digest(path: &Path) -> anyhow::Result<String> {
+/// A file's SHA-256 in hex, read in chunks.
+pub(crate) fn file_sha256(path: &Path) -> anyhow::Result<String> {
     let mut file = fs_err::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0; super::objects::READ_CHUNK];
