@@ -252,6 +252,18 @@ impl Store {
                 removed += usize::from(self.remove_materialized(&digest)?);
             }
         }
+        // A copy's lock file outlives the copy's eviction. With gc's exclusive lock no build
+        // runs (each holds a lease), so none holds or waits on one of these.
+        if let Ok(entries) = std::fs::read_dir(self.trees_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(digest) = name.strip_suffix(".lock")
+                    && !self.trees_dir().join(digest).exists()
+                {
+                    fs_err::remove_file(entry.path())?;
+                }
+            }
+        }
         Ok(removed)
     }
 }
@@ -368,6 +380,20 @@ mod tests {
         staging.commit().expect("commit");
         let digest = tree.digest();
         (tree, digest)
+    }
+
+    #[test]
+    fn gc_removes_the_lock_files_of_evicted_copies_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let trees = store.trees_dir();
+        fs_err::create_dir_all(trees.join("kept")).expect("mkdir");
+        fs_err::write(trees.join("kept.lock"), b"").expect("write");
+        fs_err::write(trees.join("evicted.lock"), b"").expect("write");
+        let live = std::collections::BTreeSet::from(["kept".to_owned()]);
+        store.prune_materialized(&live).expect("prune");
+        assert!(trees.join("kept.lock").exists());
+        assert!(!trees.join("evicted.lock").exists());
     }
 
     #[test]
