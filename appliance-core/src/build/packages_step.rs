@@ -492,7 +492,7 @@ fn run_apt(
     let phase = std::time::Instant::now();
     let sandbox = work.sandbox()?;
     let cache = AptCache {
-        debs: exec.store.root().join(crate::packages::deb_cache::DEBS),
+        debs: exec.store.root().join(crate::store::deb_cache::DEBS),
         lists: exec
             .store
             .root()

@@ -1,14 +1,14 @@
 //! apt inside a materialized image: a chroot in a private mount and PID namespace, so that
 //! nothing it mounts or starts outlives it or touches the host. No services start
 //! (`policy-rc.d` denies them), nothing asks questions (noninteractive), Recommends only when
-//! asked. Downloaded `.deb`s (checked on use, [`super::deb_cache`]) and the package lists are
+//! asked. Downloaded `.deb`s (checked on use, [`crate::store::deb_cache`]) and the package lists are
 //! cached in the store and reused.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
-use super::deb_cache;
+use crate::store::deb_cache;
 use crate::store::download_caches::{
     LISTS_DISCARD_PREFIX, LISTS_PARTIAL_PREFIX, LISTS_WHOLE_MARKER,
 };

@@ -3,7 +3,6 @@
 //! `/var/lib/dpkg/status` ([`dpkg`]).
 
 pub mod apt;
-pub mod deb_cache;
 pub mod debian;
 pub mod debian_version;
 pub mod overlay;

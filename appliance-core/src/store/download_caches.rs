@@ -1,7 +1,7 @@
 //! The caches of downloaded and written bytes under the store — OCI layer blobs
 //! (`cache/oci/blobs/sha256/<hex>`, also skopeo's shared blob directory), apt's package
 //! lists (`cache/apt-lists/<sources digest>/`) and downloaded packages (`cache/debs/`, see
-//! [`crate::packages::deb_cache`]) — as `fsck` checks them and `gc` tidies them.
+//! [`super::deb_cache`]) — as `fsck` checks them and `gc` tidies them.
 //! Their writers put each entry in place by a rename of a whole file or directory, and their
 //! readers check what they can afford to (a blob's size, the lists' `.fetched` marker, a
 //! package's hash when its file is new); `fsck` checks the rest (every digest) and `--repair`
@@ -68,8 +68,8 @@ impl Store {
                 }
             }
         }
-        damaged.extend(crate::packages::deb_cache::damaged(
-            &self.root().join(crate::packages::deb_cache::DEBS),
+        damaged.extend(super::deb_cache::damaged(
+            &self.root().join(super::deb_cache::DEBS),
             &self.root().join(APT_LISTS),
             repair,
         )?);
@@ -95,8 +95,8 @@ impl Store {
                 removed += 1;
             }
         }
-        removed += crate::packages::deb_cache::prune_partial(
-            &self.root().join(crate::packages::deb_cache::DEBS),
+        removed += super::deb_cache::prune_partial(
+            &self.root().join(super::deb_cache::DEBS),
             PARTIAL_AGE,
         )?;
         Ok(removed)

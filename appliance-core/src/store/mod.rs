@@ -22,6 +22,7 @@
 //! lock errors: readers share the lock, writers wait for each other.
 
 pub mod catalog;
+pub mod deb_cache;
 pub mod derivations;
 pub mod diff;
 pub mod download_caches;
