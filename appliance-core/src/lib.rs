@@ -12,6 +12,7 @@ pub mod change;
 pub mod check;
 pub mod cli;
 pub mod diagnostics;
+pub mod disk_space;
 pub mod dpkg;
 pub mod history;
 pub mod image_reference;

@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
     // their kinds, dpkg's status format, image references; and helpers.
     &[
         "diagnostics",
+        "disk_space",
         "change",
         "dpkg",
         "image_reference",

@@ -1007,6 +1007,36 @@ fn an_nginx_appliance_boots_from_its_qcow2_and_serves_through_a_forwarded_port()
     let full_disk = work.path().join("full.raw");
     env.export("web", &full_disk);
     let full = root_filesystem(&full_disk, &work.path().join("full"));
+    // The same disk written where there is no room for it: refused before writing, with
+    // what it needs, what is free and what to do, and nothing left behind.
+    let small = work.path().join("small");
+    std::fs::create_dir(&small).expect("mkdir");
+    let mut export = binary();
+    export
+        .args([
+            "--store",
+            &env.store.to_string_lossy(),
+            "image",
+            "export",
+            "web",
+            "-o",
+        ])
+        .arg(small.join("web.raw"));
+    let output = support::on_small_tmpfs("64m", &small, &export)
+        .output()
+        .expect("unshare runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!("the disk {}/web.raw needs about", small.display()))
+            && stderr.contains("MiB free")
+            && stderr.contains("help: a filesystem is full: free space on it"),
+        "{stderr}"
+    );
+    assert_eq!(stdout.trim(), "left:", "{stderr}");
     // Modes (with setuid and sticky bits), owners, sizes and device nodes, as the
     // filesystems hold them, against the store's own export of the image.
     let exported = work.path().join("exported");

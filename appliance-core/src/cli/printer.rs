@@ -57,14 +57,18 @@ pub fn report_error(global: &GlobalArgs, error: &anyhow::Error) {
     if crate::process::interrupt::received().is_some() {
         return;
     }
+    let help = crate::disk_space::is_full(error).then_some(crate::disk_space::FULL_HELP);
     match global.message_format {
         MessageFormat::Json => {
             let causes: Vec<String> = error.chain().skip(1).map(ToString::to_string).collect();
-            let message = serde_json::json!({
+            let mut message = serde_json::json!({
                 "reason": "error",
                 "message": error.to_string(),
                 "causes": causes,
             });
+            if let Some(help) = help {
+                message["help"] = help.into();
+            }
             let _ = writeln!(std::io::stdout().lock(), "{message}");
         }
         MessageFormat::Human => {
@@ -72,6 +76,9 @@ pub fn report_error(global: &GlobalArgs, error: &anyhow::Error) {
             let _ = writeln!(stderr, "error: {error}");
             for cause in error.chain().skip(1) {
                 let _ = writeln!(stderr, "  caused by: {cause}");
+            }
+            if let Some(help) = help {
+                let _ = writeln!(stderr, "  help: {help}");
             }
         }
     }

@@ -129,6 +129,8 @@ struct Plan {
     esp_size: u64,
     root_size: u64,
     total: u64,
+    /// Bytes of file content in the tree: what the root filesystem holds at least.
+    content: u64,
     loader_entry: String,
     /// A digest of everything but the root filesystem's content: an earlier disk with the
     /// same key differs only inside the root filesystem.
@@ -220,6 +222,7 @@ fn plan(
         esp_size,
         root_size,
         total,
+        content,
         loader_entry,
         layout_key,
     })
@@ -348,6 +351,12 @@ fn write_full(
 ) -> anyhow::Result<()> {
     let objects = store.objects();
     let tree = &plan.tree;
+    // The disk is sparse, so nothing reserves its space: without this check a full
+    // filesystem shows as thousands of failed writes halfway through the root filesystem.
+    // It holds the content, its metadata (a block per entry at most) and the ESP written
+    // twice (staged, then copied in).
+    let needed = plan.content + plan.tree.len() as u64 * 4096 + 2 * plan.esp_size;
+    crate::disk_space::ensure_room(work, needed, &format!("the disk {}", destination.display()))?;
     // The EFI system partition: systemd-boot, a loader entry, the kernel and initramfs.
     let write_object = |path: &str, to: &Path| -> anyhow::Result<()> {
         let digest = tree

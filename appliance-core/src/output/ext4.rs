@@ -357,10 +357,28 @@ pub fn apply(
         .lines()
         .filter(|line| !line.starts_with("debugfs ") && !line.trim().is_empty())
         .collect();
-    if !complaints.is_empty() {
-        bail!("debugfs: {}", complaints.join("; "));
+    if complaints.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    // One cause repeats for every file after it (thousands of lines when the disk is full):
+    // the first few say it, the count says the rest.
+    const SHOWN: usize = 5;
+    let mut said = complaints[..complaints.len().min(SHOWN)].join("; ");
+    if complaints.len() > SHOWN {
+        let _ = write!(said, "; and {} more", complaints.len() - SHOWN);
+    }
+    // ENOSPC is the host's filesystem (debugfs writes the disk file); a full ext4 inside the
+    // disk is "Could not allocate block".
+    if complaints
+        .iter()
+        .any(|line| line.contains("No space left on device"))
+    {
+        return Err(crate::disk_space::full(format!(
+            "debugfs ran out of space writing the root filesystem into {}: {said}",
+            disk.display()
+        )));
+    }
+    bail!("debugfs: {said}")
 }
 
 /// The commands with each `\0NAME\0` placeholder replaced, in one pass (a script names

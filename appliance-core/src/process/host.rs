@@ -60,7 +60,7 @@ pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram::new("apt-get", "apt", &[Need::Tests]),
     HostProgram::new("nsenter", "util-linux", &[Need::Sandbox]),
     HostProgram::new("chroot", "coreutils", &[Need::Sandbox, Need::Tests]),
-    HostProgram::new("mount", "mount", &[Need::Sandbox]),
+    HostProgram::new("mount", "mount", &[Need::Sandbox, Need::Tests]),
     HostProgram::new("umount", "mount", &[Need::Sandbox]),
     HostProgram::new("mmdebstrap", "mmdebstrap", &[Need::BaseCreate, Need::Tests]),
     HostProgram::new("newuidmap", "uidmap", &[Need::RootlessBaseCreate]),

@@ -29,6 +29,43 @@ pub fn seeded_binary() -> Command {
     command
 }
 
+/// `command` run with a tmpfs of `size` (as `mount -o size=` reads it) at `dir`, in a mount
+/// namespace of its own so nothing outside sees it: a small filesystem to fill without
+/// filling the host's. After the command, the shell prints `left: ` and what `dir` still
+/// holds on stdout; the exit status is the command's.
+pub fn on_small_tmpfs(size: &str, dir: &std::path::Path, command: &Command) -> Command {
+    let script = r#"mount -t tmpfs -o "size=$1" tmpfs "$2" || exit 99
+dir=$2; shift 2
+"$@"; status=$?
+echo "left: $(ls -A "$dir")"
+exit $status"#;
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            size,
+        ])
+        .arg(dir)
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(current) = command.get_current_dir() {
+        wrapped.current_dir(current);
+    }
+    wrapped
+}
+
 /// `mmdebstrap --variant=minbase bookworm`, built once and shared by the tests and runs.
 pub fn minbase_tarball() -> PathBuf {
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("appliance-cache");
