@@ -70,7 +70,7 @@ impl TreeEditor {
         }
         let digest = entry.digest.context("a file without content digest")?;
         // Content written by this edit is still staged; everything else is a stored object.
-        if let Some(staged) = self.staging.staged(&digest) {
+        if let Some(staged) = self.staging.staged(&digest)? {
             return Ok(Some(fs_err::read(staged)?));
         }
         Ok(Some(self.objects.read(&digest)?))
