@@ -283,6 +283,42 @@ fn an_image_pushed_with_its_lineage_is_an_oci_image_and_pulls_back_whole() {
     );
     assert_eq!(other.images(), source.images());
     other.fsck_is_clean();
+
+    // Removed from the store, its layers still cached, one of them damaged on disk (same
+    // size, other bytes): the pull imports from the cache, notices, fetches that layer
+    // again and stores the same image.
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{host}/team/web:2"),
+    ]))
+    .expect("json");
+    let top_layer = inspected["Layers"][1].as_str().expect("layer").to_owned();
+    let cached = other
+        .store()
+        .join("cache/oci/blobs/sha256")
+        .join(top_layer.strip_prefix("sha256:").expect("a sha256 digest"));
+    let mut damaged = std::fs::read(&cached).expect("the cached layer");
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    std::fs::write(&cached, &damaged).expect("damage it");
+    other.ok(&["image", "rm", "web@2"]);
+    let layer_reads = registry.requests("GET", &format!("/blobs/{top_layer}"));
+    let base_reads = registry.requests("GET", &format!("/blobs/{base_layer}"));
+    let repulled = other.ok(&["pull", &format!("{host}/team/web:2")]);
+    assert!(repulled.contains("Pulled web@2"), "{repulled}");
+    assert_eq!(
+        registry.requests("GET", &format!("/blobs/{top_layer}")),
+        layer_reads + 1,
+        "the damaged layer fetched again"
+    );
+    assert_eq!(
+        registry.requests("GET", &format!("/blobs/{base_layer}")),
+        base_reads,
+        "the base's layer is stored, so not fetched"
+    );
+    assert_eq!(other.images(), source.images());
+    other.fsck_is_clean();
 }
 
 #[test]

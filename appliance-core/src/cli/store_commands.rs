@@ -20,6 +20,13 @@ pub(crate) fn open_store(global: &GlobalArgs) -> anyhow::Result<Store> {
     };
     let store = Store::open(&dir)?;
     // A new store starts with the seed history, so its first suggestions have evidence.
+    // Seeding happens once per store (the catalog records it), so a marker beside the
+    // catalog spares every later command a catalog open only to learn that (a re-push
+    // takes less time in all than two opens).
+    let seeded_marker = store.root().join(SEEDED_MARKER);
+    if history::seed::disabled() || seeded_marker.exists() {
+        return Ok(store);
+    }
     let needed = history::seed::needed(store.read_catalog()?.connection())?;
     if needed {
         let mut catalog = store.write_catalog()?;
@@ -35,8 +42,16 @@ pub(crate) fn open_store(global: &GlobalArgs) -> anyhow::Result<Store> {
             );
         }
     }
+    // Only a shortcut: without it the next command reads the catalog again.
+    let _ = fs_err::write(
+        &seeded_marker,
+        "the history was seeded (see the catalog's meta)\n",
+    );
     Ok(store)
 }
+
+/// The file whose presence says the store's history was seeded.
+const SEEDED_MARKER: &str = "seeded";
 
 fn status(global: &GlobalArgs, verb: &str, what: &str) {
     if !global.quiet && global.message_format == MessageFormat::Human {

@@ -27,7 +27,8 @@ pub fn derivations() -> anyhow::Result<Vec<Derivation>> {
     read_jsonl(decoder, "the seed history")
 }
 
-fn disabled() -> bool {
+/// Whether `APPLIANCE_NO_SEED` turns seeding off (tests that want a history of their own).
+pub fn disabled() -> bool {
     std::env::var_os(NO_SEED_ENV).is_some_and(|v| !v.is_empty() && v != "0")
 }
 

@@ -65,12 +65,20 @@ pub fn push(
     );
     // Holds off gc: compose reads objects, and the layout lives in the staging area.
     let _lease = store.gc_lease()?;
-    let images = store.list()?;
-    let image = {
+    // One read of the catalog for everything the annotations say (each open costs more
+    // than a re-push may take in all).
+    let (chain, packages) = {
         let catalog = store.read_catalog()?;
-        store.resolve(&catalog, image)?
+        let images = catalog.images()?;
+        let image = store.resolve(&catalog, image)?;
+        let chain = chain_of(&images, &image)?;
+        let packages = chain
+            .iter()
+            .map(|image| catalog.packages(image.id))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        (chain, packages)
     };
-    let chain = chain_of(&images, &image)?;
+    let image = &chain[chain.len() - 1];
     let mut targets: Vec<(usize, Reference)> = Vec::new();
     if lineage {
         for (at, ancestor) in chain.iter().enumerate().take(chain.len() - 1) {
@@ -95,7 +103,7 @@ pub fn push(
     for (at, reference) in targets {
         let image = &chain[at];
         let parent = at.checked_sub(1).map(|p| &chain[p]);
-        let annotations = facts(store, image, parent, parent_manifest.as_deref())?;
+        let annotations = facts(image, &packages[at], parent, parent_manifest.as_deref())?;
         let created = crate::store::export::source_date_epoch()
             .map_or(image.created_at, |epoch| image.created_at.min(epoch));
         let config = OciConfig {
@@ -134,8 +142,11 @@ pub fn push(
         }
     }
     let staging = store.staging()?;
-    let mut pushed: Vec<Pushed> = Vec::new();
-    for (at, reference, composed) in composed {
+    let push_one = |at: usize,
+                    reference: &Reference,
+                    composed: &oci::Composed,
+                    progress: bool|
+     -> anyhow::Result<Pushed> {
         let image = &chain[at];
         let layout = staging.dir().join(format!("push-{at}"));
         composed.write_layout(&layout)?;
@@ -144,7 +155,7 @@ pub fn push(
                 dir: layout.clone(),
                 tag: composed.tag().to_owned(),
             },
-            &skopeo::Endpoint::Registry(&reference),
+            &skopeo::Endpoint::Registry(reference),
             access,
             progress,
             None,
@@ -156,12 +167,38 @@ pub fn push(
             "the registry stored {reference} as {digest}, not as the pushed manifest {expected}"
         );
         fs_err::remove_dir_all(&layout)?;
-        record.insert(reference.to_string(), digest.clone());
-        pushed.push(Pushed {
+        Ok(Pushed {
             image: image.reference(),
             reference: reference.to_string(),
             digest,
-        });
+        })
+    };
+    // The image itself first: its layers are every ancestor's, so once it is there each
+    // ancestor needs only its config and manifest (skopeo mounts the layers across
+    // repositories), and those small pushes go at once, side by side.
+    let Some((top_at, top_reference, top_composed)) = composed.last() else {
+        bail!("nothing to push");
+    };
+    let top = push_one(*top_at, top_reference, top_composed, progress)?;
+    let ancestors = &composed[..composed.len() - 1];
+    let mut pushed: Vec<Pushed> = std::thread::scope(|scope| {
+        let pushes: Vec<_> = ancestors
+            .iter()
+            .map(|(at, reference, composed)| {
+                scope.spawn(|| push_one(*at, reference, composed, false))
+            })
+            .collect();
+        pushes
+            .into_iter()
+            .map(|push| {
+                push.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a push thread panicked")))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    pushed.push(top);
+    for one in &pushed {
+        record.insert(one.reference.clone(), one.digest.clone());
     }
     staging.discard();
     // Only a cache: losing it costs the next re-push its copies, nothing else.
@@ -193,8 +230,8 @@ fn chain_of(images: &[ImageRecord], image: &ImageRecord) -> anyhow::Result<Vec<I
 
 /// The store's facts about `image` as annotations.
 fn facts(
-    store: &Store,
     image: &ImageRecord,
+    packages: &[crate::dpkg::InstalledPackage],
     parent: Option<&ImageRecord>,
     parent_manifest: Option<&str>,
 ) -> anyhow::Result<BTreeMap<String, String>> {
@@ -213,7 +250,6 @@ fn facts(
         PROVENANCE.to_owned(),
         serde_json::to_string(&image.provenance)?,
     );
-    let packages = store.read_catalog()?.packages(image.id)?;
     if !packages.is_empty() {
         let list: Vec<String> = packages
             .iter()
@@ -336,6 +372,35 @@ fn pull_one(
             crate::store::short(&taken.tree_digest)
         );
     }
+    // This image's layers first: they include its parents' (a pushed lineage shares them),
+    // so one copy brings every layer, and a parent pulled below finds its own in the cache.
+    let blobs = oci::blob_dir(store);
+    fs_err::create_dir_all(&blobs)?;
+    let fetch = || -> anyhow::Result<()> {
+        let layout = tempfile::Builder::new()
+            .prefix("pull-")
+            .tempdir_in(store.root().join("staging"))?;
+        skopeo::copy(
+            &skopeo::Endpoint::Registry(&pinned),
+            &skopeo::Endpoint::Layout {
+                dir: layout.path().to_owned(),
+                tag: "pulled".into(),
+            },
+            access,
+            progress,
+            Some(&blobs),
+        )
+        .with_context(|| format!("pulling {source}"))?;
+        Ok(())
+    };
+    // Blobs already cached are verified by the import, which hashes every layer it reads.
+    let cached = layers.iter().all(|layer| {
+        oci::blob_path_in(&blobs, &layer.digest)
+            .is_some_and(|path| fs_err::metadata(path).is_ok_and(|m| m.len() == layer.size))
+    });
+    if !cached {
+        fetch()?;
+    }
     // The parent: found by tree digest, else pulled from its annotated manifest.
     let mut parent: Option<ImageRecord> = None;
     if let Some(parent_tree) = annotations.get(PARENT_TREE_DIGEST) {
@@ -360,38 +425,42 @@ fn pull_one(
             );
         }
     }
-    let staging_dir = store.staging()?;
-    let layout = staging_dir.dir().join("pull");
-    let blobs = oci::blob_dir(store);
-    fs_err::create_dir_all(&blobs)?;
-    skopeo::copy(
-        &skopeo::Endpoint::Registry(&pinned),
-        &skopeo::Endpoint::Layout {
-            dir: layout.clone(),
-            tag: "pulled".into(),
-        },
-        access,
-        progress,
-        Some(&blobs),
-    )
-    .with_context(|| format!("pulling {source}"))?;
     // Layers the parent's tree already holds are not applied again: the image's own layer
     // goes onto the parent's stored tree, and the tree digest check below proves the result.
-    let (base, own_layers) = match &parent {
-        Some(parent) if !layers.is_empty() && claimed_tree.is_some() => {
-            (Some(store.tree(parent)?), &layers[layers.len() - 1..])
-        }
-        _ => (None, &layers[..]),
+    let onto_parent = parent
+        .as_ref()
+        .filter(|_| !layers.is_empty() && claimed_tree.is_some());
+    let own_layers = match onto_parent {
+        Some(_) => &layers[layers.len() - 1..],
+        None => &layers[..],
     };
-    let mut staging = staging_dir;
-    let imported = crate::store::import::apply_oci_layers(
-        &blobs.join("sha256"),
-        own_layers,
-        base,
-        &mut staging,
-        crate::store::import::Limits::default(),
-    )
-    .with_context(|| format!("importing {source}"))?;
+    let apply = || {
+        let base = onto_parent.map(|parent| store.tree(parent)).transpose()?;
+        let mut staging = store.staging()?;
+        let imported = crate::store::import::apply_oci_layers(
+            &blobs.join("sha256"),
+            own_layers,
+            base,
+            &mut staging,
+            crate::store::import::Limits::default(),
+        )
+        .with_context(|| format!("importing {source}"))?;
+        anyhow::Ok((imported, staging))
+    };
+    let (imported, staging) = match apply() {
+        Ok(done) => done,
+        // A cached blob that does not hash to its digest (damaged on disk): fetched again.
+        Err(error) if cached => {
+            for layer in own_layers {
+                if let Some(path) = oci::blob_path_in(&blobs, &layer.digest) {
+                    let _ = fs_err::remove_file(path);
+                }
+            }
+            fetch().with_context(|| format!("after the cached layers failed: {error:#}"))?;
+            apply()?
+        }
+        Err(error) => return Err(error),
+    };
     let tree_digest = imported.tree.digest();
     if let Some(claimed) = &claimed_tree {
         // An image pushed before tree digest format 2 is annotated with the first format.
@@ -411,8 +480,6 @@ fn pull_one(
             serde_json::json!({ "from": source.to_string(), "manifest": digest }),
         );
     }
-    // The layout's own files; the blobs stay in the cache for the next pull.
-    let _ = fs_err::remove_dir_all(&layout);
     let record = store.commit_tree(
         &NewTree {
             name: image_name,
