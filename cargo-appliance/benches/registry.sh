@@ -91,10 +91,12 @@ skopeo_pull() { skopeo copy --quiet --src-tls-verify=false "docker://$theirs/ben
 # A pull into the store ends with the tree unpacked and indexed: the fair baseline also
 # unpacks what it copied (umoci, as root, keeping owners).
 skopeo_pull_unpack() {
-    rm -rf "$work/pulled-unpacked" "$work/rootfs"
     skopeo copy --quiet --src-tls-verify=false "docker://$theirs/bench/web:$image" "oci:$work/pulled-unpacked:$image"
     umoci raw unpack --image "$work/pulled-unpacked:$image" "$work/rootfs" >/dev/null 2>&1
 }
+# The store's pull is durable (syncfs before the catalog names the new objects); the same
+# baseline made durable too.
+skopeo_pull_unpack_sync() { skopeo_pull_unpack; sync -f "$work/rootfs"; }
 ours_push() { "$bin" --store "$store" -q push "web@$image" "$ours/bench/web" --lineage; }
 ours_push_alone() { "$bin" --store "$store" -q push "web@$image" "$alone/bench/web"; }
 ours_pull() { "$bin" --store "$work/store2" -q pull "$ours/bench/web:$image"; }
@@ -104,9 +106,16 @@ push_skopeo=$(timed skopeo_push)
 push=$(timed ours_push)
 repush=$(timed_median ours_push)
 repush_skopeo=$(timed_median skopeo_push)
+# syncfs flushes the whole filesystem: what earlier steps left dirty is flushed first, untimed.
+sync
 pull=$(timed ours_pull)
 pull_skopeo=$(timed skopeo_pull)
+# Each unpack starts from nothing; removing the last one is not timed.
+fresh_unpack() { rm -rf "$work/pulled-unpacked" "$work/rootfs"; sync; }
+fresh_unpack
 pull_unpack=$(timed skopeo_pull_unpack)
+fresh_unpack
+pull_unpack_sync=$(timed skopeo_pull_unpack_sync)
 repull=$(timed_median ours_pull)
 repull_skopeo=$(timed_median skopeo_pull)
 
@@ -118,4 +127,5 @@ printf '%-40s %10.3f %12.3f %8.2f %8s\n' "  … --lineage (3 images; skopeo: 1)"
 printf '%-40s %10.3f %12.3f %8.2f %8s\n' "re-push, nothing new (median of $runs)" "$repush" "$repush_skopeo" "$(ratio "$repush" "$repush_skopeo")" "0.1 s"
 printf '%-40s %10.3f %12.3f %8.2f %8s\n' "pull into an empty store (oci: dir)" "$pull" "$pull_skopeo" "$(ratio "$pull" "$pull_skopeo")" "1.0x"
 printf '%-40s %10.3f %12.3f %8.2f %8s\n' "  … vs skopeo copy + umoci raw unpack" "$pull" "$pull_unpack" "$(ratio "$pull" "$pull_unpack")" "1.0x"
+printf '%-40s %10.3f %12.3f %8.2f %8s\n' "  … vs the same + sync (durable)" "$pull" "$pull_unpack_sync" "$(ratio "$pull" "$pull_unpack_sync")" "1.0x"
 printf '%-40s %10.3f %12.3f %8.2f %8s\n' "re-pull, nothing new (median of $runs)" "$repull" "$repull_skopeo" "$(ratio "$repull" "$repull_skopeo")" "0.1 s"
