@@ -264,17 +264,6 @@ pub fn blob_dir(store: &Store) -> PathBuf {
     store.root().join(crate::store::download_caches::OCI_BLOBS)
 }
 
-/// Where the blob `digest` (`sha256:<hex>`) lives in the blob directory `blobs`; `None` for
-/// a digest of another algorithm or not hex (never a path out of the directory).
-pub fn blob_path_in(blobs: &Path, digest: &str) -> Option<PathBuf> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-    .then(|| blobs.join("sha256").join(hex))
-}
-
 /// An image as OCI documents, its layers in the store's blob cache: what a layout, an
 /// archive and a push are made of.
 #[derive(Debug, Clone)]

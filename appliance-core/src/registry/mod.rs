@@ -375,6 +375,7 @@ fn pull_one(
     // This image's layers first: they include its parents' (a pushed lineage shares them),
     // so one copy brings every layer, and a parent pulled below finds its own in the cache.
     let blobs = oci::blob_dir(store);
+    let by_digest = blobs.join("sha256");
     fs_err::create_dir_all(&blobs)?;
     let fetch = || -> anyhow::Result<()> {
         let layout = tempfile::Builder::new()
@@ -395,8 +396,8 @@ fn pull_one(
     };
     // Blobs already cached are verified by the import, which hashes every layer it reads.
     let cached = layers.iter().all(|layer| {
-        oci::blob_path_in(&blobs, &layer.digest)
-            .is_some_and(|path| fs_err::metadata(path).is_ok_and(|m| m.len() == layer.size))
+        crate::store::import::blob_path(&by_digest, &layer.digest)
+            .is_ok_and(|path| fs_err::metadata(path).is_ok_and(|m| m.len() == layer.size))
     });
     if !cached {
         fetch()?;
@@ -438,7 +439,7 @@ fn pull_one(
         let base = onto_parent.map(|parent| store.tree(parent)).transpose()?;
         let mut staging = store.staging()?;
         let imported = crate::store::import::apply_oci_layers(
-            &blobs.join("sha256"),
+            &by_digest,
             own_layers,
             base,
             &mut staging,
@@ -452,7 +453,7 @@ fn pull_one(
         // A cached blob that does not hash to its digest (damaged on disk): fetched again.
         Err(error) if cached => {
             for layer in own_layers {
-                if let Some(path) = oci::blob_path_in(&blobs, &layer.digest) {
+                if let Ok(path) = crate::store::import::blob_path(&by_digest, &layer.digest) {
                     let _ = fs_err::remove_file(path);
                 }
             }

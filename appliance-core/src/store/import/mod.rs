@@ -22,7 +22,7 @@ use super::tree::{Entry, EntryKind, Tree};
 use crate::dpkg::STATUS_PATH;
 
 pub use directory::{KnownContent, apply_overlay_upper, import_directory, import_directory_with};
-pub use oci::{apply_oci_layers, import_oci_layout};
+pub use oci::{apply_oci_layers, blob_path, import_oci_layout};
 use tar::{apply_tar, decompress};
 
 /// More entries than this in one image is an attack, not a root filesystem (a full Debian

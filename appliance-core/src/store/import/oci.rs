@@ -102,7 +102,7 @@ impl Read for SharedReader {
 }
 
 /// `<blobs>/<hex>` for a `sha256:<hex>` digest, refusing anything else.
-pub(super) fn blob_path(blobs: &Path, digest: &str) -> anyhow::Result<PathBuf> {
+pub fn blob_path(blobs: &Path, digest: &str) -> anyhow::Result<PathBuf> {
     let hex_part = digest
         .strip_prefix("sha256:")
         .with_context(|| format!("unsupported digest algorithm in {digest}"))?;
